@@ -55,6 +55,9 @@ class RolloutSection:
     envs_per_worker: int = 16
     """Episodes each actor advances together (one batched generate per turn)."""
     num_cpus_per_worker: float = 1
+    """CPUs Ray reserves per rollout actor."""
+    threads_per_worker: int | None = None
+    """torch threads of each actor's HF engine (None = Ray's default, the reserved CPUs)."""
     num_gpus_per_worker: float = 0
     temperature: float = 1.0
     """Exploration sampling temperature (evaluation is greedy)."""
@@ -66,6 +69,11 @@ class RolloutSection:
     dtype: Literal["float32", "bfloat16"] = "float32"
     samples_per_task: int = 1
     """Exploration samples per train task."""
+    explore_data: str | None = None
+    """JSONL of trajectories that stand in for the first iteration's exploration (e.g. another
+    run's `trajectories/explore_iter0.jsonl`), so that methods compared from one starting policy
+    see the same samples (DMPO vs ETO's first iteration); trajectories of tasks outside the train
+    tasks are ignored. None = sample with the current policy."""
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -205,7 +213,11 @@ class Algorithm:
         algo_cls = ALGORITHMS[state["algo"]]
         algo = algo_cls(from_dict(algo_cls.config_class, state["config"]))
         algo.iteration, algo.policy, algo.history = state["iteration"], state["policy"], state["history"]
+        algo._restored(Path(path))
         return algo
+
+    def _restored(self, path: Path) -> None:
+        """Hook: load a subclass's extra state saved next to `state.json` (e.g. a discriminator)."""
 
     def stop(self) -> None:
         if self._group is not None:
@@ -255,7 +267,8 @@ class Algorithm:
             from rl_agents.rollout_group import RolloutGroup
 
             r, env = self.config.rollout, self.config.env
-            spec = EngineSpec(kind=r.engine, model=self.policy, dtype=r.dtype, device="cuda" if r.num_gpus_per_worker else "cpu")
+            spec = EngineSpec(kind=r.engine, model=self.policy, dtype=r.dtype, device="cuda" if r.num_gpus_per_worker else "cpu",
+                              kwargs={"num_threads": r.threads_per_worker} if r.threads_per_worker and r.engine == "hf" else {})
             kwargs = {**env.env_kwargs, **({"max_turns": env.max_turns} if env.max_turns else {})}
             rcfg = RolloutConfig(env_id=env.env_id, split="train", env_kwargs=kwargs, num_envs=r.envs_per_worker,
                                  max_context=r.max_context,
@@ -301,6 +314,13 @@ class Algorithm:
         from rl_agents.rollout import make_tasks
 
         r = self.config.rollout
+        if r.explore_data and self.iteration == 0:
+            experts = self.experts()
+            trajs = [t for t in read_jsonl(r.explore_data) if t.task_id in experts]
+            if not trajs:
+                raise ValueError(f"rollout.explore_data: {r.explore_data} has no trajectory of this run's train tasks")
+            write_jsonl(self.run_dir / "trajectories" / f"explore_iter{self.iteration}.jsonl", trajs)
+            return trajs
         tasks = make_tasks(list(self.experts()), r.samples_per_task, seed=self.config.seed * 1000 + self.iteration, split="train")
         sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                                   seed=self.config.seed + self.iteration)
@@ -314,7 +334,8 @@ class Algorithm:
         from rl_agents.train import train
 
         cfg = dataclasses.replace(self.config.train, model=dataclasses.replace(self.config.train.model, path=self.policy),
-                                  storage_path=str(self.run_dir / "train"), name=f"iter{self.iteration}-{objective}")
+                                  storage_path=str(self.run_dir / "train"), name=f"iter{self.iteration}-{objective}",
+                                  seed=self.config.train.seed + self.config.seed)  # the run seed reaches the trainer
         result = train(objective, data, cfg, **kw)
         new_policy = result.checkpoint_path
         if cfg.lora.enabled:

@@ -1,11 +1,11 @@
 """Training objectives: forward pass -> per-token / per-turn log-probs -> a pure loss (DESIGN §6).
 
 An objective is `fn(model, batch, cfg) -> (loss, metrics)`: `model` is the (possibly DeepSpeed-
-or DDP-wrapped) causal LM, `batch` a `TokenBatch` (SFT) or `PairBatch` (preference losses), `cfg`
-a `rl_agents.train.config.LossConfig`. `loss` is a scalar: the mean over the micro-batch's units
-(agent tokens for SFT, pairs otherwise); the training loop re-weights micro-batches so that the
-step's gradient is exactly that of the global-batch mean. `metrics` are detached scalars, means
-over the same units, keyed `group/name`.
+or DDP-wrapped) causal LM, `batch` a `TokenBatch` (SFT), `PairBatch` (preference losses) or
+`PPOBatch` (PPO), `cfg` a `rl_agents.train.config.LossConfig`. `loss` is a scalar: the mean over
+the micro-batch's units (agent tokens for SFT and PPO, pairs otherwise); the training loop
+re-weights micro-batches so that the step's gradient is exactly that of the global-batch mean.
+`metrics` are detached scalars, means over the same units, keyed `group/name`.
 
 Two deliberate choices:
 * chosen and rejected run as one concatenated forward pass of 2B rows (one padded length);
@@ -20,6 +20,14 @@ KL estimate, 0 at step 0), `logps/{chosen,rejected}`.
 
 Reference log-probs come from the batch (`PairBatch.ref_*`, precomputed once per dataset) or, when
 absent, from the same model with its LoRA adapter disabled (`model.disable_adapter()`).
+
+PPO (`ppo`, examples `rl_agents.batches.PPOExample`): the old per-token log-probs are precomputed by
+the training loop with the policy the update starts from, through `sequence_logps` — the very
+forward and log-softmax the loss uses, on the same micro-batches — so the ratio is exactly 1 before
+the first optimizer step (the engine's sampling log-probs differ by dtype and kernels and are not
+used). The entropy bonus needs the full distribution at the agent positions: it is computed from
+the same (N, V) logits as the log-probs, in the same forward. Metrics: `loss/ppo` (total),
+`loss/policy`, `loss/entropy` (mean agent-token entropy), `kl/ref`, `ppo/clip_frac`, `ppo/ratio_mean`.
 """
 
 from __future__ import annotations
@@ -33,9 +41,10 @@ import torch.nn.functional as F
 
 from algorithms.dmpo import dmpo_loss, dmpo_rewards
 from algorithms.dpo import dpo_loss, dpo_rewards
+from algorithms.ppo import ppo_loss
 from algorithms.sft import sft_loss
 from algorithms.stepagent import step_dpo_loss
-from rl_agents.batches import EncodedSequence, PairBatch, TokenBatch, turn_logps
+from rl_agents.batches import EncodedSequence, PairBatch, PPOBatch, TokenBatch, turn_logps
 
 Metrics = dict[str, torch.Tensor]
 
@@ -49,16 +58,20 @@ class Objective:
     """Examples are (chosen, rejected) pairs of `EncodedSequence` (else single sequences)."""
     units: Callable[[object], int]
     """Weight of one example in the batch mean (1 per pair; agent tokens per SFT sequence)."""
+    on_policy: bool = False
+    """Examples are `PPOExample`s whose old per-token log-probs the training loop precomputes with
+    the policy it starts from (`sequence_logps`, same micro-batches as the first epoch)."""
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register(name: str, *, paired: bool, units: Callable[[object], int] = lambda example: 1):
+def register(name: str, *, paired: bool, units: Callable[[object], int] = lambda example: 1,
+             on_policy: bool = False):
     def deco(fn):
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered")
-        OBJECTIVES[name] = Objective(name, fn, paired, units)
+        OBJECTIVES[name] = Objective(name, fn, paired, units, on_policy)
         return fn
     return deco
 
@@ -78,8 +91,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def sequence_logps(model: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
-    """(B, L) log p(input_ids[j] | ids[<j]) at agent tokens, exactly 0 elsewhere.
+def agent_logits(model: torch.nn.Module, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (logits (N, V), target_mask (B, L) bool): the logits that predict the N agent tokens, in
+    row-major order of `target_mask` (1 on agent tokens, never at position 0).
 
     The LM head sees only the N hidden states that predict an agent token: (B, L, H) -> (N, H),
     so logits are (N, V) instead of (B, L, V).
@@ -97,10 +111,38 @@ def sequence_logps(model: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
         out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
     finally:
         handle.remove()
-    logits = out.logits  # (N, V)
-    picked = -F.cross_entropy(logits.float(), tokens.input_ids[target_mask], reduction="none")  # (N,)
+    return out.logits, target_mask
+
+
+def _scatter(values: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the agent tokens -> (B, L), exactly 0 elsewhere."""
     rows, cols = target_mask.nonzero(as_tuple=True)  # row-major, the order boolean indexing used
-    return picked.new_zeros(target_mask.shape).index_put((rows, cols), picked)
+    return values.new_zeros(target_mask.shape).index_put((rows, cols), values)
+
+
+def _token_logps(logits: torch.Tensor, tokens: TokenBatch, target_mask: torch.Tensor) -> torch.Tensor:
+    picked = -F.cross_entropy(logits.float(), tokens.input_ids[target_mask], reduction="none")  # (N,)
+    return _scatter(picked, target_mask)
+
+
+def sequence_logps(model: torch.nn.Module, tokens: TokenBatch) -> torch.Tensor:
+    """(B, L) log p(input_ids[j] | ids[<j]) at agent tokens, exactly 0 elsewhere (LM head on agent
+    positions only, see `agent_logits`)."""
+    logits, target_mask = agent_logits(model, tokens)
+    return _token_logps(logits, tokens, target_mask)
+
+
+def sequence_logps_and_entropy(model: torch.nn.Module, tokens: TokenBatch, *, entropy_grad: bool = True
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) log-probs as `sequence_logps` (bit-identical) and (B, L) entropy H = −Σ_v p_v log p_v of
+    the full next-token distribution at each agent token's predicting position, 0 elsewhere; one
+    forward. `entropy_grad=False` detaches the entropy (a metric only: no (N, V) graph kept)."""
+    logits, target_mask = agent_logits(model, tokens)  # (N, V)
+    logps = _token_logps(logits, tokens, target_mask)
+    ent_logits = (logits if entropy_grad else logits.detach()).float()
+    log_p = torch.log_softmax(ent_logits, dim=-1)  # (N, V)
+    entropy = -(log_p.exp() * log_p).sum(-1)  # (N,)
+    return logps, _scatter(entropy, target_mask)
 
 
 def _concat(chosen: TokenBatch, rejected: TokenBatch) -> TokenBatch:
@@ -190,3 +232,20 @@ def dmpo_objective(model, batch: PairBatch, cfg) -> tuple[torch.Tensor, Metrics]
     rewards = dmpo_rewards(*args, beta=cfg.beta, gamma=cfg.gamma)
     return losses.mean(), _pair_metrics("dmpo", losses, rewards, pol_c.sum(1), ref_c.sum(1), pol_r.sum(1),
                                         ref_r.sum(1))
+
+
+def _ppo_units(example) -> int:
+    return _agent_tokens(example.sequence)
+
+
+@register("ppo", paired=False, units=_ppo_units, on_policy=True)
+def ppo_objective(model, batch: PPOBatch, cfg) -> tuple[torch.Tensor, Metrics]:
+    """PPO-clip + entropy bonus + optional k3 KL (`algorithms.ppo.ppo_loss`; ε, λ, KL coefficient
+    from `cfg`), token mean over the agent tokens, one advantage per sequence. The KL reference is
+    the batch's `ref_logps` or, without them, the policy the update started from (`old_logps`)."""
+    logps, entropy = sequence_logps_and_entropy(model, batch.tokens, entropy_grad=cfg.entropy_coef != 0)
+    ref = batch.ref_logps if batch.ref_logps is not None else batch.old_logps
+    loss, metrics = ppo_loss(logps, batch.old_logps, batch.advantages, batch.tokens.action_mask,
+                             clip_eps=cfg.clip_eps, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                             ref_logps=ref, kl_coef=cfg.kl_coef)
+    return loss, {"loss/ppo": loss.detach(), **{k: torch.tensor(v) for k, v in metrics.items()}}

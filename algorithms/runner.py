@@ -16,7 +16,9 @@ import yaml
 
 import algorithms.eto  # noqa: F401  (registers eto, dmpo, dpo)
 import algorithms.imitation  # noqa: F401  (registers sft, rft)
+import algorithms.ppo_baseline  # noqa: F401  (registers ppo)
 import algorithms.step_dpo  # noqa: F401  (registers step_dpo)
+import algorithms.step_gail  # noqa: F401  (registers step_gail)
 from algorithms.base import ALGORITHMS, Algorithm, AlgorithmConfig
 from rl_agents.config import ConfigError, apply_overrides, from_dict, to_dict
 from rl_agents.trajectory import atomic_write_text

@@ -1,7 +1,8 @@
 """StepAgent-implicit (Deng et al., WWW'25, Alg. 1 with the implicit reward): Step-DPO.
 
-Inspection: cut each expert trajectory before every action (`algorithms.data.step_prefixes`) and
-let the agent produce its own action for that expert prefix (1–3 practice samples per step).
+Inspection (`inspect_steps`, shared with StepAgent-inverse in `algorithms.step_gail`): cut each
+expert trajectory before every action (`algorithms.data.step_prefixes`) and let the agent produce
+its own action for that expert prefix (1–3 practice samples per step).
 Reflection: where the agent's action differs from the expert's, train step DPO (eq. 6) with the
 expert action as chosen and the agent's as rejected, same prefix, against the reference = the
 policy at the start of the iteration. Iterate.
@@ -13,14 +14,15 @@ context encoded exactly as a rollout would have built it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
-from algorithms.data import step_prefixes
+from algorithms.data import StepPrompt, step_prefixes
 from algorithms.imitation import _fit_batch
 from rl_agents.config import ConfigError
 from rl_agents.prompting import parse_action
 from rl_agents.train.config import OptimConfig, TrainConfig
+from rl_agents.trajectory import Trajectory
 
 
 def _reflection_train() -> TrainConfig:
@@ -48,29 +50,51 @@ class StepDPOConfig(AlgorithmConfig):
             raise ConfigError(f"practice_samples: must be >= 1, got {self.practice_samples}")
 
 
+class Practice(NamedTuple):
+    """One practice sample of the inspection stage: the agent's own action at an expert prefix."""
+
+    expert: Trajectory
+    prompt: StepPrompt
+    action_ids: list[int]
+    """The ids the engine generated (token-exact; may lack the end-of-turn at max_new_tokens)."""
+
+
+def inspect_steps(algo: Algorithm, practice_samples: int, max_steps_per_task: int | None) -> list[Practice]:
+    """StepAgent inspection (§4.1, eq. 4-5, Alg. 1 line 7), shared by the implicit and inverse variants:
+    cut every expert trajectory before each action (at most `max_steps_per_task` per task) and let
+    the current policy sample `practice_samples` actions per prefix on the rollout workers."""
+    import ray
+
+    from rl_agents.engines.base import SamplingParams
+    from rl_agents.tokenization import tokenize_rollout_turns
+
+    seg, r = algo.segmenter(), algo.config.rollout
+    points = []
+    for expert in algo.experts().values():
+        for sp in step_prefixes(expert)[:max_steps_per_task]:
+            prompt = [i for ids in tokenize_rollout_turns(sp.prefix.turns, seg) for i in ids]
+            points += [(expert, sp, prompt)] * practice_samples
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                            seed=algo.config.seed + algo.iteration, stop_token_ids=tuple(seg.stop_token_ids))
+    workers = algo.group().workers
+    chunks = [points[i::len(workers)] for i in range(len(workers))]
+    outs = ray.get([w.generate.remote([p for _, _, p in chunk], params) for w, chunk in zip(workers, chunks)])
+    return [Practice(e, sp, list(g.token_ids)) for chunk, out in zip(chunks, outs) for (e, sp, _), g in zip(chunk, out)]
+
+
+def agrees_with_expert(segmenter, practice: Practice) -> bool:
+    """The agent's parsed action equals the expert's at this step (case-insensitive)."""
+    agent_text = segmenter.tokenizer.decode(practice.action_ids, skip_special_tokens=True)
+    return parse_action(agent_text).lower() == parse_action(practice.prompt.expert_turn.text).lower()
+
+
 @register_algorithm
 class StepDPO(Algorithm):
     config_class = StepDPOConfig
 
-    def inspect(self) -> list[tuple[Any, Any, list[int]]]:
+    def inspect(self) -> list[Practice]:
         """(expert trajectory, step prompt, agent action ids) for every practice sample."""
-        import ray
-
-        from rl_agents.engines.base import SamplingParams
-        from rl_agents.tokenization import tokenize_rollout_turns
-
-        seg, r = self.segmenter(), self.config.rollout
-        points = []
-        for expert in self.experts().values():
-            for sp in step_prefixes(expert)[: self.config.max_steps_per_task]:
-                prompt = [i for ids in tokenize_rollout_turns(sp.prefix.turns, seg) for i in ids]
-                points += [(expert, sp, prompt)] * self.config.practice_samples
-        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                seed=self.config.seed + self.iteration, stop_token_ids=tuple(seg.stop_token_ids))
-        workers = self.group().workers
-        chunks = [points[i::len(workers)] for i in range(len(workers))]
-        outs = ray.get([w.generate.remote([p for _, _, p in chunk], params) for w, chunk in zip(workers, chunks)])
-        return [(e, sp, g.token_ids) for chunk, out in zip(chunks, outs) for (e, sp, _), g in zip(chunk, out)]
+        return inspect_steps(self, self.config.practice_samples, self.config.max_steps_per_task)
 
     def training_step(self) -> dict[str, Any]:
         from rl_agents.tokenization import encode_step
@@ -78,9 +102,9 @@ class StepDPO(Algorithm):
         seg = self.segmenter()
         samples = self.inspect()
         data, same = [], 0
-        for expert, sp, agent_ids in samples:
-            agent_text = seg.tokenizer.decode(agent_ids, skip_special_tokens=True)
-            if parse_action(agent_text).lower() == parse_action(sp.expert_turn.text).lower():
+        for practice in samples:
+            expert, sp, agent_ids = practice
+            if agrees_with_expert(seg, practice):
                 same += 1  # the agent already acts like the expert here: nothing to contrast
                 continue
             if not agent_ids:

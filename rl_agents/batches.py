@@ -86,11 +86,33 @@ class PairBatch:
 
 
 @dataclass
+class PPOExample:
+    """One PPO training example before collation: a sequence and its per-sequence advantage.
+
+    StepAgent-inverse: an expert prefix + one sampled agent action (the action is the only agent
+    turn); PPO baseline: a whole explored trajectory (every agent turn). `old_logps` (per token,
+    aligned with `sequence.input_ids`, 0 off the agent tokens) are the log-probs of the policy the
+    update starts from: None until the training loop precomputes them with that policy (the same
+    forward as the loss, so the ratio is exactly 1 before the first optimizer step). `ref_logps`:
+    optional per-token reference log-probs for the KL penalty, same alignment.
+    """
+
+    sequence: EncodedSequence
+    advantage: float
+    reward: float
+    old_logps: list[float] | None = None
+    ref_logps: list[float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+
+@dataclass
 class PPOBatch:
-    """One-step episodes (StepAgent-inverse): an expert prefix and one sampled agent action.
+    """PPO examples collated: one-step episodes (StepAgent-inverse) or whole trajectories (PPO baseline).
 
     `old_logps`/`ref_logps` are per token (B, L), aligned with `tokens.input_ids` (0 off the
-    action); `advantages` and `rewards` are per step (B,).
+    action); `advantages` and `rewards` are per sequence (B,).
     """
 
     tokens: TokenBatch

@@ -246,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
             ev.add_argument("--temperature", type=float, default=1.0)
         ev.set_defaults(func=fn)
 
-    d = sub.add_parser("demo", help="the main job on the embedded default env")
-    d.add_argument("--out", default="runs/demo")
+    d = sub.add_parser("demo", help="the main job: SmolLM2 on TextShop, SFT then ETO and DMPO, evaluated")
+    from rl_agents.demo import add_arguments
+
+    add_arguments(d)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from rl_agents.batches import EncodedSequence, PairBatch, TokenBatch
+from rl_agents.batches import EncodedSequence, PairBatch, PPOBatch, PPOExample, TokenBatch
 
 
 def _padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
@@ -82,6 +82,35 @@ def collate_pairs(chosen: Sequence[EncodedSequence], rejected: Sequence[EncodedS
     c = collate_sequences(chosen, pad_id, pad_to_multiple_of, pad_to_length=longest)
     r = collate_sequences(rejected, pad_id, pad_to_multiple_of, pad_to_length=longest)
     return PairBatch(c, r, _per_turn(ref_chosen, c, "ref_chosen"), _per_turn(ref_rejected, r, "ref_rejected"))
+
+
+def _per_token(rows: Sequence[list[float] | None], batch: TokenBatch, name: str) -> torch.Tensor:
+    """Per-token values aligned with each sequence -> (B, L) float32, right-padded with 0."""
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    for k, row in enumerate(rows):
+        n = int(batch.attention_mask[k].sum())
+        if row is None or len(row) != n:
+            raise ValueError(f"{name}[{k}]: expected {n} per-token values (one per token of the sequence), "
+                             f"got {None if row is None else len(row)}")
+        out[k, :n] = torch.as_tensor(row, dtype=torch.float32)
+    return out
+
+
+def collate_ppo(examples: Sequence[PPOExample], pad_id: int, pad_to_multiple_of: int | None = None) -> PPOBatch:
+    """PPO examples -> `PPOBatch`: sequences right-padded as in `collate_sequences`, per-token
+    `old_logps` (required: precompute them first) and `ref_logps` (all or none) padded with 0,
+    advantages and rewards as (B,) float32."""
+    if not examples:
+        raise ValueError("cannot collate an empty list of PPO examples")
+    tokens = collate_sequences([e.sequence for e in examples], pad_id, pad_to_multiple_of)
+    old = _per_token([e.old_logps for e in examples], tokens, "old_logps")
+    has_ref = [e.ref_logps is not None for e in examples]
+    if any(has_ref) and not all(has_ref):
+        raise ValueError("ref_logps: give them for every example of a batch or for none")
+    ref = _per_token([e.ref_logps for e in examples], tokens, "ref_logps") if all(has_ref) else None
+    advantages = torch.tensor([float(e.advantage) for e in examples], dtype=torch.float32)
+    rewards = torch.tensor([float(e.reward) for e in examples], dtype=torch.float32)
+    return PPOBatch(tokens, old, advantages, rewards, ref)
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,

@@ -110,7 +110,9 @@ class RolloutGroup:
         wanted = {t.key: t for t in tasks}
         if len(wanted) != len(tasks):
             raise ValueError("tasks must have unique (task_id, sample_index) keys")
-        queue = deque(list(tasks[i : i + self.chunk_size]) for i in range(0, len(tasks), self.chunk_size))
+        # Chunks no larger than an even share per worker, so a small call still keeps every worker busy.
+        size = min(self.chunk_size, max(1, -(-len(tasks) // self.num_workers)))
+        queue = deque(list(tasks[i : i + size]) for i in range(0, len(tasks), size))
         inflight: dict[Any, tuple[int, list[RolloutTask]]] = {}
         attempts: dict[tuple[str, int], int] = defaultdict(int)
         seen: set[tuple[str, int]] = set()

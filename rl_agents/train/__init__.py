@@ -47,6 +47,9 @@ def _check_data(objective, data: Sequence, cfg: TrainConfig) -> None:
     if len(data) < cfg.optim.batch_size:
         raise ValueError(f"{len(data)} examples are fewer than optim.batch_size={cfg.optim.batch_size}: "
                          "no optimizer step would run")
+    if objective.on_policy:
+        _check_ppo_data(objective, data)
+        return
     for i, ex in enumerate(data):
         seqs = ex if objective.paired else (ex,)
         if objective.paired and not (isinstance(ex, (tuple, list)) and len(ex) == 2):
@@ -57,6 +60,25 @@ def _check_data(objective, data: Sequence, cfg: TrainConfig) -> None:
                 raise TypeError(f"data[{i}]: expected EncodedSequence, got {type(s).__name__}")
             if not any(s.action_mask[1:]):
                 raise ValueError(f"data[{i}]: a sequence without agent tokens carries no loss")
+
+
+def _check_ppo_data(objective, data: Sequence) -> None:
+    import math
+
+    from rl_agents.batches import PPOExample
+
+    for i, ex in enumerate(data):
+        if not isinstance(ex, PPOExample) or not isinstance(ex.sequence, EncodedSequence):
+            raise TypeError(f"data[{i}]: objective {objective.name!r} takes PPOExample(sequence=EncodedSequence, "
+                            f"advantage, reward), got {type(ex).__name__}")
+        if not any(ex.sequence.action_mask[1:]):
+            raise ValueError(f"data[{i}]: a sequence without agent tokens carries no loss")
+        if not (math.isfinite(ex.advantage) and math.isfinite(ex.reward)):
+            raise ValueError(f"data[{i}]: advantage and reward must be finite, got {ex.advantage}, {ex.reward}")
+        for name in ("old_logps", "ref_logps"):
+            values = getattr(ex, name)
+            if values is not None and len(values) != len(ex.sequence):
+                raise ValueError(f"data[{i}].{name}: expected {len(ex.sequence)} per-token values, got {len(values)}")
 
 
 def _resolve_ref(objective, cfg: TrainConfig, ref, n: int):
@@ -80,8 +102,9 @@ def _resolve_ref(objective, cfg: TrainConfig, ref, n: int):
 def train(objective: str, data: Sequence, cfg: TrainConfig, ref: str | Sequence | None = None) -> TrainResult:
     """Train `cfg.model` on `data` with `objective` on Ray Train workers; return the final checkpoint.
 
-    objective: a name in `algorithms.objectives.OBJECTIVES` ("sft", "dpo", "dmpo", "step_dpo").
-    data: `EncodedSequence`s (SFT) or (chosen, rejected) pairs of them (preference objectives).
+    objective: a name in `algorithms.objectives.OBJECTIVES` ("sft", "dpo", "dmpo", "step_dpo", "ppo").
+    data: `EncodedSequence`s (SFT), (chosen, rejected) pairs of them (preference objectives) or
+        `PPOExample`s (PPO; their old log-probs are precomputed on the workers with the initial policy).
     ref: the reference policy of preference objectives — "precompute" (default without LoRA: one
         no-grad pass of the initial policy over each worker's shard, stored with the checkpoints),
         "adapter" (default with LoRA: the model with its adapter disabled, every step), or

@@ -102,10 +102,24 @@ class LossConfig:
     """β of DPO/DMPO/Step-DPO (ETO 0.1, 0.5 on ALFWorld; DMPO 0.1)."""
     gamma: float = 0.7
     """DMPO discount γ ∈ (0, 1] (released code 0.7)."""
+    clip_eps: float = 0.2
+    """PPO clip range ε of the ratio (Schulman et al. 2017: 0.2; StepAgent reports none)."""
+    entropy_coef: float = 0.0
+    """PPO entropy bonus λ (StepAgent eq. 8/10; no value reported). The algorithm configs set it
+    (step_gail, ppo: 1e-3); 0 = plain PPO-clip."""
+    kl_coef: float = 0.0
+    """PPO k3 KL penalty coefficient to the reference (the policy the update starts from, unless the
+    examples carry `ref_logps`); 0 = off (StepAgent uses none)."""
 
     def __post_init__(self):
         _check(self.beta > 0 and math.isfinite(self.beta), "loss.beta", "must be a finite number > 0", self.beta)
         _check(0 < self.gamma <= 1, "loss.gamma", "must be in (0, 1]", self.gamma)
+        _check(self.clip_eps > 0 and math.isfinite(self.clip_eps), "loss.clip_eps", "must be a finite number > 0",
+               self.clip_eps)
+        _check(self.entropy_coef >= 0 and math.isfinite(self.entropy_coef), "loss.entropy_coef",
+               "must be a finite number >= 0", self.entropy_coef)
+        _check(self.kl_coef >= 0 and math.isfinite(self.kl_coef), "loss.kl_coef", "must be a finite number >= 0",
+               self.kl_coef)
 
 
 @dataclass
@@ -119,13 +133,18 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW, cosine schedule with warm-up, batch sizes, clipping."""
     loss: LossConfig = field(default_factory=LossConfig)
-    """Hyperparameters the objectives read (β, γ)."""
+    """Hyperparameters the objectives read (β, γ; PPO's ε, λ, KL coefficient)."""
     num_workers: int = 2
     """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool = False
     """One GPU per worker and NCCL; off = CPU and gloo."""
     cpus_per_worker: int = 1
-    """CPUs Ray reserves per worker; on CPU also the torch thread count of each worker."""
+    """CPUs Ray reserves per worker; on CPU also the torch thread count of each worker (unless
+    `threads_per_worker` is set)."""
+    threads_per_worker: int | None = None
+    """torch intra-op threads of each CPU worker (None = `cpus_per_worker`). On one machine the
+    rollout actors sit idle during an update, so an update may use more cores than it reserves
+    (the demo: 1 reserved CPU, 2 threads on a 2-core laptop)."""
     storage_path: str = "~/rl_agents_runs"
     """Where Ray Train writes the run (`<storage_path>/<name>/`: checkpoints, metrics.jsonl,
     tensorboard/). Must be shared storage on multi-node clusters. A local or shared filesystem path."""
@@ -148,6 +167,8 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.num_workers > 0, "num_workers", "must be > 0", self.num_workers)
         _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0", self.cpus_per_worker)
+        _check(self.threads_per_worker is None or self.threads_per_worker > 0, "threads_per_worker",
+               "must be > 0 or null", self.threads_per_worker)
         _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = only at the end)",
                self.checkpoint_every)
         _check(self.keep_checkpoints > 0, "keep_checkpoints", "must be > 0", self.keep_checkpoints)

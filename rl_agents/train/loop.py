@@ -12,12 +12,19 @@ Micro-batch losses (means over their units: pairs, or agent tokens for SFT) are 
 units_m · W · G / units_global before backward; DeepSpeed/DDP divide by G and average over W, so
 the gradient is exactly that of the global-batch mean.
 
+On-policy objectives (PPO): before the first step, every rank computes the old per-token log-probs
+of the examples it trains on in epoch 0 with the initial policy, on exactly those micro-batches and
+through the loss's own forward (`sequence_logps`), then all ranks exchange them. So the ratio is
+exactly 1 on every micro-batch of the first optimizer step. They are saved with the checkpoints
+(like the DPO reference) and reused on resume.
+
 Model wrapping: `deepspeed.initialize` with a torch AdamW as client optimizer (no JIT-compiled
 DeepSpeed optimizer ops) and ZeRO 0-3, or torch DistributedDataParallel. Never `prepare_model`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -29,9 +36,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from algorithms.objectives import Objective, get_objective, pair_turn_logps, unwrap
-from rl_agents.batches import PairBatch
-from rl_agents.collate import collate_pairs, collate_sequences, length_grouped_batches
+from algorithms.objectives import Objective, get_objective, pair_turn_logps, sequence_logps, unwrap
+from rl_agents.batches import PairBatch, PPOBatch
+from rl_agents.collate import collate_pairs, collate_ppo, collate_sequences, length_grouped_batches
 from rl_agents.train.checkpoint import load_state, save_hf, save_state
 from rl_agents.train.config import TrainConfig
 from rl_agents.train.metrics import MetricsLogger, StepMetrics
@@ -130,7 +137,7 @@ def wrap(model: torch.nn.Module, cfg: TrainConfig, total_steps: int, device: tor
 def _setup_worker(cfg: TrainConfig) -> None:
     if not cfg.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(cfg.cpus_per_worker)
+        torch.set_num_threads(cfg.threads_per_worker or cfg.cpus_per_worker)
         if cfg.deepspeed.enabled:
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (~60 s) at init; it serves
             # only inference all-reduces, never training collectives (gloo), so we skip building it.
@@ -160,6 +167,41 @@ def precompute_reference(model, examples, cfg: TrainConfig, pad_id: int, rank: i
     model.train(was_training)
     shards: list = [None] * world
     dist.all_gather_object(shards, mine)
+    merged = {i: v for shard in shards for i, v in shard.items()}
+    return [merged[i] for i in range(len(examples))]
+
+
+def precompute_old_logps(model, examples, lengths: list[int], cfg: TrainConfig, pad_id: int, rank: int,
+                         world: int, device: torch.device) -> list[list[float]]:
+    """Per-token log-probs (aligned with each sequence, 0 off the agent tokens) of every PPO example
+    under the initial policy. Each rank scores the micro-batches it trains on in epoch 0 — the same
+    collation and forward as the loss, so the first step's ratio is exactly 1 — plus a share of the
+    examples epoch 0 drops (the incomplete last batch); then all ranks exchange their values.
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
+    mine: list[list[int]] = [step[g * world + rank] for step in epoch_plan(lengths, cfg, 0)
+                             for g in range(cfg.grad_accum)]
+    planned = {i for step in epoch_plan(lengths, cfg, 0) for micro in step for i in micro}
+    left = sorted((i for i in range(len(examples)) if i not in planned), key=lambda i: (lengths[i], i))
+    mb = cfg.optim.micro_batch_size
+    chunks = [left[k:k + mb] for k in range(0, len(left), mb)]
+    rounds = -(-len(chunks) // world)
+    mine += [chunks[c] if c < len(chunks) else [] for c in range(rank, rounds * world, world)]
+    out: dict[int, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for idx in mine:
+            scored = idx or chunks[0]  # a rank without a chunk of its own repeats one (same number of passes)
+            batch = collate_sequences([examples[i].sequence for i in scored], pad_id).to(device)
+            logps = sequence_logps(model, batch).float().cpu()  # (B, L)
+            for k, i in enumerate(idx):
+                out[i] = logps[k, :len(examples[i].sequence)].tolist()
+    model.train(was_training)
+    shards: list = [None] * world
+    if world > 1:
+        dist.all_gather_object(shards, out)
+    else:
+        shards = [out]
     merged = {i: v for shard in shards for i, v in shard.items()}
     return [merged[i] for i in range(len(examples))]
 
@@ -209,9 +251,15 @@ def train_loop_per_worker(config: dict) -> None:
             reference = list(ref_mode)
         elif ref_mode == "precompute":
             reference = precompute_reference(model, examples, cfg, pad_id, rank, world, device)
+    if objective.on_policy:  # old log-probs: the initial policy's, or the checkpoint's on resume
+        if reference is None:
+            reference = precompute_old_logps(model, examples, lengths, cfg, pad_id, rank, world, device)
+        examples = [dataclasses.replace(e, old_logps=old) for e, old in zip(examples, reference)]
     reference_s, reference_cpu_s = time.perf_counter() - t_ref, time.process_time() - c_ref
 
     def collate(idx: list[int]):
+        if objective.on_policy:
+            return collate_ppo([examples[i] for i in idx], pad_id).to(device)
         if not objective.paired:
             return collate_sequences([examples[i] for i in idx], pad_id).to(device)
         refs = [reference[i] for i in idx] if reference is not None else None
@@ -289,6 +337,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _token_counts(batch) -> tuple[int, int]:
     """(real, computed) tokens of a micro-batch's forward pass (a pair batch runs 2B rows)."""
+    if isinstance(batch, PPOBatch):
+        batch = batch.tokens
     sides = (batch.chosen, batch.rejected) if isinstance(batch, PairBatch) else (batch,)
     return sum(int(t.attention_mask.sum()) for t in sides), sum(t.attention_mask.numel() for t in sides)
 

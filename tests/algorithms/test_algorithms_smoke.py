@@ -40,7 +40,7 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sft", "rft", "eto", "dmpo", "dpo", "step_dpo"])
+@pytest.mark.parametrize("name", ["sft", "rft", "eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo"])
 def test_example_config_runs_and_learns(name, tmp_path, ray_cluster):
     cfg = load_algorithm_config(ROOT / "examples" / f"{name}_textshop.yaml", SMOKE + [f"run_dir={tmp_path}"])
     start = _weights(tiny_llama_dir())
@@ -55,15 +55,38 @@ def test_example_config_runs_and_learns(name, tmp_path, ray_cluster):
     numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
     assert numeric and all(math.isfinite(v) for v in numeric.values()), numeric
     loss_key = {"sft": "loss/sft", "rft": "loss/sft", "eto": "loss/dpo", "dmpo": "loss/dmpo", "dpo": "loss/dpo",
-                "step_dpo": "loss/step_dpo"}[name]
+                "step_dpo": "loss/step_dpo", "step_gail": "loss/ppo", "ppo": "loss/ppo"}[name]
     assert loss_key in metrics
     if name in ("eto", "dmpo", "dpo", "step_dpo"):
         assert metrics["data/pairs"] >= 4  # a random tiny policy fails every task the expert solves
+    if name in ("eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo"):
         assert metrics["sync/max_logprob_diff"] < 1e-3  # the rollout workers run the new weights
+    if name in ("step_gail", "ppo"):
+        _assert_ppo_update(name, metrics, state, tmp_path)
     assert rows[-1]["stage"] == f"{name} iter 1" and "eval/test_seen/avg_reward" in rows[-1]
     assert (tmp_path / "results.md").read_text().count("|") > 6
     assert (tmp_path / "learning_curve.png").stat().st_size > 5_000
     assert (tmp_path / "policy").resolve() == Path(state.policy).resolve()
+
+
+def _assert_ppo_update(name, metrics, state, run_dir: Path) -> None:
+    """The first optimizer step of the PPO update sees ratio exactly 1 (old log-probs recomputed on the
+    same micro-batches, here through DeepSpeed bf16); GAIL's discriminator trained and was saved."""
+    from rl_agents.train.metrics import read_metrics
+
+    first = read_metrics(run_dir / "train" / "iter0-ppo" / "metrics.jsonl")[0]
+    assert first["ppo/ratio_mean"] == 1.0 and first["ppo/clip_frac"] == 0.0 and first["kl/ref"] == 0.0, first
+    if name == "ppo":
+        assert metrics["data/ppo_examples"] == 16  # 4 tasks × rollout.samples_per_task 4
+        if metrics["explore/avg_reward"] == 0:  # a random tiny policy earns nothing: every advantage is 0 and
+            assert metrics["advantage/abs_mean"] == 0 and metrics["loss/policy"] == 0  # the entropy bonus moved it
+    if name == "step_gail":
+        assert metrics["inspect/steps"] == metrics["data/ppo_examples"] > metrics["data/expert_steps"] >= 4
+        assert metrics["advantage/abs_mean"] > 0  # log D differs between a prefix's 3 samples
+        assert metrics["disc/loss"] < metrics["disc/loss_before"] and 0 < metrics["disc/d_agent"] < 1
+        assert metrics["reward/mean"] == pytest.approx(0.0, abs=1e-9) or metrics["reward/mean"] < 0  # log D ≤ 0
+        head = state.discriminator()  # restored from discriminator.safetensors (iteration 1)
+        assert (run_dir / "discriminator.safetensors").exists() and head.hidden == 256
 
 
 @pytest.mark.slow

@@ -260,6 +260,8 @@ def test_group_weight_update_reaches_every_worker(ray_session, policy_dir, tmp_p
     cfg = RolloutConfig(ECHO, num_envs=2)
     with RolloutGroup(EngineSpec("hf", str(policy_dir)), cfg, num_workers=2, placement_strategy="PACK",
                       progress=False) as group:  # workers in a placement group, as on a GPU cluster
+        # 4 tasks are fewer than one default chunk (2 x num_envs): still split across both workers
+        assert sorted(t.metadata["worker"] for t in group.run(make_tasks([f"train-{i}" for i in range(4)]))) == [0, 0, 1, 1]
         before = group.check_weight_sync(trainer)
         group.update_weights(str(tmp_path / "ckpt"))
         after = group.check_weight_sync(trainer)

@@ -1,0 +1,102 @@
+"""PPO on the final environment reward: the baseline of ETO §4.1 and StepAgent §6.2.
+
+Per iteration: explore every train task `rollout.samples_per_task` (≥ 2) times with the current
+policy (temperature sampling), give each trajectory the advantage
+
+    A = R − mean(R of the same task's samples)                       (`step_advantages`, group = task)
+
+and take PPO-clip steps (objective "ppo": `algorithms.ppo.ppo_loss` with the entropy bonus and an
+optional k3 KL) over all agent tokens of the trajectory, one advantage per sequence, token mean
+over the batch. Old log-probs are recomputed by the training loop with the policy it starts from.
+
+Choices the papers leave open (none of them reports PPO settings): no value network — the group
+mean of the task's own samples is the baseline (as in RLOO/GRPO without std scaling; a critic
+would need its own training on sparse final rewards); no discounting inside the trajectory (the
+only reward is final, so every turn's return is R); a task whose samples all got the same reward
+gives advantage 0 (its tokens still count in the entropy/KL means).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from algorithms.base import Algorithm, AlgorithmConfig, RolloutSection, register_algorithm
+from algorithms.imitation import _fit_batch, explore_metrics
+from rl_agents.config import ConfigError
+from rl_agents.train.config import OptimConfig, TrainConfig
+
+
+def _ppo_train() -> TrainConfig:
+    # No paper reports PPO settings; StepAgent's reflection stage (§6.4: lr 5e-7, batch 16, 1 epoch),
+    # the stage PPO stands in for in its comparison.
+    return TrainConfig(num_workers=1, optim=OptimConfig(lr=5e-7, batch_size=16, epochs=1, warmup_ratio=0.03))
+
+
+def check_ppo_fields(cfg) -> None:
+    """Validate the PPO hyperparameters an algorithm config carries (clip_eps, entropy_coef, kl_coef)."""
+    if not (math.isfinite(cfg.clip_eps) and cfg.clip_eps > 0):
+        raise ConfigError(f"clip_eps: must be a finite number > 0, got {cfg.clip_eps}")
+    for name in ("entropy_coef", "kl_coef"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name}: must be a finite number >= 0, got {value}")
+
+
+def set_ppo_loss(cfg) -> None:
+    """Copy the algorithm's PPO hyperparameters into the loss config the objective reads."""
+    loss = cfg.train.loss
+    loss.clip_eps, loss.entropy_coef, loss.kl_coef = cfg.clip_eps, cfg.entropy_coef, cfg.kl_coef
+
+
+@dataclass
+class PPOConfig(AlgorithmConfig):
+    clip_eps: float = 0.2
+    """PPO clip range ε (Schulman et al. 2017: 0.2; ETO/StepAgent report none)."""
+    entropy_coef: float = 1e-3
+    """Entropy bonus coefficient (not reported by ETO/StepAgent; 1e-3 as in verl's PPO defaults —
+    Schulman et al.'s Atari 0.01 inflates token entropies over a 49k vocabulary)."""
+    kl_coef: float = 0.0
+    """k3 KL penalty to the policy each update starts from (0 = off; no paper uses one)."""
+    rollout: RolloutSection = field(default_factory=lambda: RolloutSection(samples_per_task=4))
+    """`samples_per_task` ≥ 2: the per-task group the baseline is the mean of."""
+    train: TrainConfig = field(default_factory=_ppo_train)
+    """No paper values; StepAgent's reflection settings (lr 5e-7, batch 16, 1 epoch)."""
+    algo = "ppo"
+
+    def __post_init__(self):
+        check_ppo_fields(self)
+        if self.rollout.samples_per_task < 2:
+            raise ConfigError(f"rollout.samples_per_task: PPO's baseline is the mean reward of a task's samples, "
+                              f"needs >= 2, got {self.rollout.samples_per_task}")
+
+
+@register_algorithm
+class PPO(Algorithm):
+    config_class = PPOConfig
+
+    def training_step(self) -> dict[str, Any]:
+        import torch
+
+        from algorithms.ppo import step_advantages
+        from rl_agents.batches import PPOExample
+        from rl_agents.tokenization import encode_trajectory
+
+        explored = self.explore()
+        usable = [t for t in explored if not t.metadata.get("error") and t.agent_turns]
+        metrics: dict[str, Any] = {**explore_metrics(explored), "data/ppo_examples": len(usable)}
+        if not usable:
+            return metrics
+        tasks: dict[str, int] = {}
+        groups = [tasks.setdefault(t.task_id, len(tasks)) for t in usable]  # group = task
+        rewards = torch.tensor([float(t.reward) for t in usable], dtype=torch.float32)  # (N,) final rewards
+        advantages = step_advantages(rewards, groups)  # (N,) reward − the task's mean
+        seg = self.segmenter()
+        data = [PPOExample(encode_trajectory(t, seg), a, r)
+                for t, a, r in zip(usable, advantages.tolist(), rewards.tolist())]
+        metrics.update({"reward/mean": rewards.mean().item(), "advantage/abs_mean": advantages.abs().mean().item(),
+                        "data/zero_advantage_frac": (advantages == 0).float().mean().item()})
+        set_ppo_loss(self.config)
+        metrics.update(self.update("ppo", _fit_batch(self, data)))
+        return metrics
