@@ -95,6 +95,17 @@ def _evaluate(policies: dict[str, str], args, out: Path) -> list[dict]:
 def main(args) -> int:
     import ray
 
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=args.threads, include_dashboard=False)
+    try:
+        return _run(args)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(args) -> int:
     from algorithms.eto import DMPOConfig, ETOConfig
     from algorithms.imitation import SFTConfig
     from algorithms.runner import write_results
@@ -110,12 +121,10 @@ def main(args) -> int:
     def lap(name: str, t0: float) -> None:
         timings[name] = time.perf_counter() - t0
 
-    _stage("0/4 check the env, load SmolLM2-135M-Instruct", start)
+    _stage(f"0/4 check the env, load {args.model}", start)
     t0 = time.perf_counter()
     print(check_text_env(ENV_ID, n_actions=1_000).summary())
-    base = resolve_model("smollm2-135m")
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.threads, include_dashboard=False)
+    base = resolve_model(args.model)
     lap("setup", t0)
 
     _stage(f"1/4 SFT on {args.sft_tasks} expert trajectories", start)
@@ -183,6 +192,7 @@ def _table(rows: list[dict]) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--model", default="smollm2-135m", help="base model: an alias or an HF checkpoint dir")
     parser.add_argument("--sft-tasks", type=int, default=96, help="train tasks whose expert trajectories SFT learns")
     parser.add_argument("--sft-epochs", type=int, default=1)
     parser.add_argument("--explore-tasks", type=int, default=64,
