@@ -20,6 +20,7 @@ from rl_agents.config import ConfigError, from_dict
 from rl_agents.train import LossConfig, OptimConfig, TrainConfig
 from rl_agents.train.loop import epoch_plan, precompute_old_logps
 from rl_agents.trajectory import Trajectory, Turn
+from tests.rl_agents.test_train_units import _seq
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,18 +29,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)  # a shared 2-core box: small matmuls are faster on one thread
     yield
     torch.set_num_threads(n)
-
-
-def _seq(rng: random.Random, turns: int) -> EncodedSequence:
-    """Prompt, then `turns` × (observation, agent action); the action tokens carry turn t."""
-    ids = [1] + [rng.randrange(3, 5000) for _ in range(rng.randint(3, 9))]
-    mask, turn = [0] * len(ids), [-1] * len(ids)
-    for t in range(turns):
-        obs, act = rng.randint(2, 8), rng.randint(2, 6)
-        ids += [rng.randrange(3, 5000) for _ in range(obs + act)]
-        mask += [0] * obs + [1] * act
-        turn += [-1] * obs + [t] * act
-    return EncodedSequence(ids, mask, turn)
 
 
 def _examples(n: int, seed: int = 0) -> list[PPOExample]:

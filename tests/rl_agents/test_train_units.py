@@ -19,7 +19,8 @@ from rl_agents.train.loop import epoch_plan, lr_lambda
 
 
 def _seq(rng: random.Random, turns: int) -> EncodedSequence:
-    ids, mask, turn = [1] + [rng.randrange(3, 5000) for _ in range(rng.randint(3, 9))], [], []
+    """Prompt, then `turns` × (observation, agent action); the action tokens carry turn t."""
+    ids = [1] + [rng.randrange(3, 5000) for _ in range(rng.randint(3, 9))]
     mask, turn = [0] * len(ids), [-1] * len(ids)
     for t in range(turns):
         obs, act = rng.randint(2, 8), rng.randint(2, 6)
