@@ -49,9 +49,9 @@ from rl_agents.trajectory import atomic_write_text  # noqa: E402
 
 # ---- settings ------------------------------------------------------------------------------------
 ENVS = {
-    # The demo's TextShop sizes; its experts need 4-6 turns.
-    "textshop": dict(env_id="rl_agents/TextShop-v0", train_tasks=96, explore_tasks=64, eval_tasks=25,
-                     max_turns=8, max_context=2048, envs_per_worker=32),
+    # The demo's TextShop sizes (explore 48 here, the demo 40 for its 30-min budget); experts need 4-5 turns.
+    "textshop": dict(env_id="rl_agents/TextShop-v0", train_tasks=96, explore_tasks=48, eval_tasks=20,
+                     max_turns=6, max_context=2048, envs_per_worker=32),
     # ALFWorld's ids sort by task type: the first train and test games are all look_at_obj_in_light
     # (experts of the first 64: 3-62 actions, median 9). ETO's released config allows 40 turns; 20
     # here for the CPU budget. Context as examples/sft_alfworld.yaml.
@@ -70,7 +70,9 @@ DEEPSPEED = {"enabled": True, "zero_stage": 2, "bf16": True}
 # 2 CPU cores we train LoRA r=32 adapters of a 135M model for about one epoch, which needs ~100x
 # larger rates: those of rl_agents/demo.py and examples/*.yaml. `shared`: reads the SFT agent's
 # exploration. `per_env`: algorithm fields that differ by env.
-PREF_OPTIM = {"lr": 2e-4, "batch_size": 8, "micro_batch_size": 2, "epochs": 1}  # demo; ETO §4.1: 1e-6, 32, 3 epochs
+# Preference losses: the demo's lr 5e-5 and beta 0.5 (lr 2e-4 with beta 0.1 collapsed ETO on TextShop: README).
+PREF_OPTIM = {"lr": 5e-5, "batch_size": 8, "micro_batch_size": 2, "epochs": 1}  # ETO §4.1: 1e-6, 32, 3 epochs
+PREF_BETA = 0.5
 HPARAMS = {
     # ETO §4.1: lr 1e-5, batch 64, 3 epochs (StepAgent: 4). CPU: 2 epochs (examples/sft_textshop.yaml).
     "sft": {"algo": "sft", "optim": {"lr": 1e-3, "batch_size": 16, "micro_batch_size": 4, "epochs": 2}},
@@ -78,21 +80,19 @@ HPARAMS = {
     # Continues from the SFT policy, so 1 epoch.
     "rft": {"algo": "rft", "shared": True, "optim": {"lr": 1e-3, "batch_size": 16, "micro_batch_size": 4, "epochs": 1}},
     # StepAgent §6.2 baseline: trajectory DPO on one fixed set of pairs; β as ETO.
-    "dpo": {"algo": "dpo", "shared": True, "config": {"beta": 0.1}, "per_env": {"alfworld": {"beta": 0.5}},
-            "optim": PREF_OPTIM},
-    # ETO §4.1: β 0.1 (0.5 on ALFWorld); 2 iterations on WebShop, 1 on ALFWorld. We use 2 on both: with
-    # 1 iteration and the shared exploration, ETO is the DPO row run twice.
-    "eto": {"algo": "eto", "shared": True, "iterations": 2, "config": {"beta": 0.1},
-            "per_env": {"alfworld": {"beta": 0.5}}, "optim": PREF_OPTIM},
-    # DMPO §5.1 / released code: β 0.1, γ 0.7, one round from the SFT agent's trajectories; noisy keeps
-    # degenerate lose trajectories, clean drops them (§5). Its lr is unreported: as ETO.
-    "dmpo_noisy": {"algo": "dmpo", "shared": True, "config": {"beta": 0.1, "gamma": 0.7, "setting": "noisy"},
+    "dpo": {"algo": "dpo", "shared": True, "config": {"beta": PREF_BETA}, "optim": PREF_OPTIM},
+    # ETO §4.1: β 0.1 (0.5 on ALFWorld; here 0.5 on both, PREF_BETA); 2 iterations on WebShop, 1 on
+    # ALFWorld. We use 2 on both: with 1 iteration and the shared exploration, ETO is the DPO row.
+    "eto": {"algo": "eto", "shared": True, "iterations": 2, "config": {"beta": PREF_BETA}, "optim": PREF_OPTIM},
+    # DMPO §5.1 / released code: β 0.1 (here PREF_BETA, as ETO), γ 0.7, one round from the SFT agent's
+    # trajectories; noisy keeps degenerate lose trajectories, clean drops them (§5). lr unreported: as ETO.
+    "dmpo_noisy": {"algo": "dmpo", "shared": True, "config": {"beta": PREF_BETA, "gamma": 0.7, "setting": "noisy"},
                    "optim": PREF_OPTIM},
-    "dmpo_clean": {"algo": "dmpo", "shared": True, "config": {"beta": 0.1, "gamma": 0.7, "setting": "clean"},
+    "dmpo_clean": {"algo": "dmpo", "shared": True, "config": {"beta": PREF_BETA, "gamma": 0.7, "setting": "clean"},
                    "optim": PREF_OPTIM},
     # StepAgent §6.4: reflection lr 5e-7, batch 16, 1 epoch, up to 3 practice samples, ~3 iterations;
     # β unreported. CPU: 1 practice sample, 1 iteration; ALFWorld: the first 8 steps of each plan.
-    "step_dpo": {"algo": "step_dpo", "config": {"beta": 0.1, "practice_samples": 1},
+    "step_dpo": {"algo": "step_dpo", "config": {"beta": PREF_BETA, "practice_samples": 1},
                  "per_env": {"alfworld": {"max_steps_per_task": 8}}, "optim": PREF_OPTIM},
     # StepAgent-inverse: 7 iterations (Fig. 4a), up to 3 samples; PPO ε 0.2, λ 1e-3 (config defaults).
     # CPU: 2 iterations, 2 samples (the minimum for the per-prefix baseline), lr 1e-4 (examples/*.yaml).
@@ -441,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start, out = time.perf_counter(), Path(args.out)
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.threads, include_dashboard=False)
+    from rl_agents.ray_utils import init_ray
+
+    init_ray(num_cpus=args.threads)
     sections, per_env = [], {}
     try:
         for name in args.envs:

@@ -151,7 +151,7 @@ def cmd_train(args) -> int:
     except ConfigError as e:  # before any work starts
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    rows = run(cfg)
+    rows = run(cfg, evaluate_base=not args.no_start_eval)
     print((Path(cfg.run_dir) / "results.md").read_text() if rows else "no results")
     return 0
 
@@ -219,8 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--env-id", default=None, help="env id to record when importing conversations")
     cv.set_defaults(func=cmd_data_convert)
 
-    t = sub.add_parser("train", help="run an algorithm from a YAML config (algo: sft|rft|eto|dmpo|dpo)")
+    t = sub.add_parser("train", help="run an algorithm from a YAML config "
+                                     "(algo: sft|rft|eto|dmpo|dpo|step_dpo|step_gail|ppo)")
     t.add_argument("config")
+    t.add_argument("--no-start-eval", action="store_true",
+                   help="skip evaluating the starting policy (the table's 'start' row) before iteration 1")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.optim.lr=1e-6")
     t.set_defaults(func=cmd_train)
     for name, fn, helptext in (("eval", cmd_eval, "evaluate a model (greedy, or oracle Best-of-N)"),

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rl_agents.engines.base import EngineSpec, SamplingParams, logprob_diff, sync_probe_prompts
+from rl_agents.ray_utils import init_ray
 from rl_agents.rollout import RolloutConfig, RolloutTask, RolloutWorker
 from rl_agents.trajectory import Trajectory
 
@@ -44,8 +45,7 @@ class RolloutGroup:
 
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
+        init_ray()
         self.engine, self.config, self.num_workers = engine, config, num_workers
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.chunk_size = chunk_size or 2 * config.num_envs
@@ -95,10 +95,14 @@ class RolloutGroup:
         """All trajectories, in the order of `tasks`."""
         results = {}
         for traj in self.iter_results(tasks, sampling, desc=desc):
-            results[(traj.task_id, traj.metadata["sample_index"])] = traj
+            results[_traj_key(traj)] = traj
             if on_result is not None:
                 on_result(traj)
-        return [results[t.key] for t in tasks]
+        return [results[self._key(t)] for t in tasks]
+
+    def _key(self, task: RolloutTask) -> tuple[str, str, int]:
+        """(split, task id, sample): one call may mix splits, whose task ids may coincide."""
+        return (task.split or self.config.split, task.task_id, task.sample_index)
 
     def iter_results(self, tasks: Sequence[RolloutTask], sampling: SamplingParams | None = None, *,
                      desc: str = "rollout") -> Iterator[Trajectory]:
@@ -107,15 +111,15 @@ class RolloutGroup:
         from ray.exceptions import RayActorError
         from tqdm import tqdm
 
-        wanted = {t.key: t for t in tasks}
+        wanted = {self._key(t): t for t in tasks}
         if len(wanted) != len(tasks):
-            raise ValueError("tasks must have unique (task_id, sample_index) keys")
+            raise ValueError("tasks must have unique (split, task_id, sample_index) keys")
         # Chunks no larger than an even share per worker, so a small call still keeps every worker busy.
         size = min(self.chunk_size, max(1, -(-len(tasks) // self.num_workers)))
         queue = deque(list(tasks[i : i + size]) for i in range(0, len(tasks), size))
         inflight: dict[Any, tuple[int, list[RolloutTask]]] = {}
-        attempts: dict[tuple[str, int], int] = defaultdict(int)
-        seen: set[tuple[str, int]] = set()
+        attempts: dict[tuple[str, str, int], int] = defaultdict(int)
+        seen: set[tuple[str, str, int]] = set()
         bar = tqdm(total=len(tasks), desc=desc, disable=not self.progress, dynamic_ncols=True)
         total_reward = 0.0
 
@@ -139,11 +143,12 @@ class RolloutGroup:
                         lost.append(inflight.pop(r)[1])
                     self._restart(index)
                     for task in (t for c in lost for t in c):
-                        attempts[task.key] += 1
-                        if attempts[task.key] >= self.max_task_attempts:
-                            seen.add(task.key)
+                        key = self._key(task)
+                        attempts[key] += 1
+                        if attempts[key] >= self.max_task_attempts:
+                            seen.add(key)
                             bar.update(1)
-                            yield _died(task, self.config, attempts[task.key], e)
+                            yield _died(task, self.config, attempts[key], e)
                         else:
                             queue.appendleft([task])  # alone: a task that kills workers is isolated
                     bar.set_postfix(restarts=self.restarts)
@@ -151,7 +156,7 @@ class RolloutGroup:
                         submit(i)
                     continue
                 for traj in trajs:
-                    key = (traj.task_id, traj.metadata["sample_index"])
+                    key = _traj_key(traj)
                     if key in wanted and key not in seen:
                         seen.add(key)
                         total_reward += traj.reward
@@ -206,6 +211,10 @@ class RolloutGroup:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _traj_key(traj: Trajectory) -> tuple[str, str, int]:
+    return (traj.metadata["split"], traj.task_id, traj.metadata["sample_index"])
 
 
 def _died(task: RolloutTask, config: RolloutConfig, attempts: int, exc: BaseException) -> Trajectory:

@@ -117,6 +117,7 @@ def train(objective: str, data: Sequence, cfg: TrainConfig, ref: str | Sequence 
 
     from algorithms.objectives import get_objective
     from rl_agents.models import resolve_model
+    from rl_agents.ray_utils import init_ray
     from rl_agents.train.loop import train_loop_per_worker
 
     obj = get_objective(objective)
@@ -126,8 +127,7 @@ def train(objective: str, data: Sequence, cfg: TrainConfig, ref: str | Sequence 
     storage = os.path.abspath(os.path.expanduser(cfg.storage_path))
     run_dir = Path(storage) / name
     model_dir = os.path.abspath(resolve_model(cfg.model.path))
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

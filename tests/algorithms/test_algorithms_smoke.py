@@ -5,6 +5,7 @@ The smoke overrides shrink the job (tiny random Llama with SmolLM2's tokenizer, 
 LoRA, the merge back into full weights, evaluation, results.md and the PNG — is the real path.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from safetensors.torch import load_file
 
 from algorithms.base import Algorithm
 from algorithms.runner import load_algorithm_config, run
+from rl_agents.cli import main
 from rl_agents.models import tiny_llama_dir
+from rl_agents.ray_utils import init_ray
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ["model=tiny-llama", "env.train_tasks=4", "env.eval_tasks=2", "env.max_turns=3",
@@ -34,7 +37,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    init_ray(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -44,7 +47,14 @@ def ray_cluster():
 def test_example_config_runs_and_learns(name, tmp_path, ray_cluster):
     cfg = load_algorithm_config(ROOT / "examples" / f"{name}_textshop.yaml", SMOKE + [f"run_dir={tmp_path}"])
     start = _weights(tiny_llama_dir())
-    rows = run(cfg, evaluate_base=name == "sft")
+    if name == "sft":  # the library call, with the starting policy's row
+        rows = run(cfg, evaluate_base=True)
+        assert [r["stage"] for r in rows] == ["start", "sft iter 1"]
+    else:  # the command a user runs (`rl-agents train CONFIG overrides`), without the start row
+        yaml = str(ROOT / "examples" / f"{name}_textshop.yaml")
+        assert main(["train", yaml, "--no-start-eval", *SMOKE, f"run_dir={tmp_path}"]) == 0
+        rows = json.loads((tmp_path / "results.json").read_text())
+        assert [r["stage"] for r in rows] == [f"{name} iter 1"]
     state = Algorithm.restore(tmp_path)
     assert state.iteration == 1 and state.policy != str(tiny_llama_dir())
     end = _weights(state.policy)
@@ -99,7 +109,7 @@ def test_dmpo_is_a_tune_trainable(tmp_path):
 
     base = load_algorithm_config(ROOT / "examples" / "dmpo_textshop.yaml", SMOKE + ["env.eval_tasks=1"])
     ray.shutdown()  # the module's 2-CPU cluster, if the smoke runs came first
-    ray.init(num_cpus=4, include_dashboard=False)  # logical CPUs: trial + rollout actor + train worker
+    init_ray(num_cpus=4)  # logical CPUs: trial + rollout actor + train worker
     try:
         tuner = tune.Tuner(DMPO.as_trainable(base), param_space={"beta": tune.grid_search([0.1, 0.5])},
                            run_config=tune.RunConfig(storage_path=str(tmp_path), name="sweep"),

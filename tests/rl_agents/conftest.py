@@ -17,10 +17,12 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """A 2-CPU local Ray cluster for one test module."""
+    """A 2-CPU local Ray cluster for one test module, started as every local run starts it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from rl_agents.ray_utils import init_ray
+
+    assert init_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -244,6 +244,21 @@ def test_task_that_always_kills_its_worker_becomes_an_error(ray_session, policy_
 
 
 @pytest.mark.slow
+def test_group_mixes_splits_whose_task_ids_coincide(ray_session, policy_dir):
+    """One call may carry several splits (evaluation runs test_seen + test_unseen together): the
+    same task id in two splits is two episodes, each comes back under its own split, in order."""
+    from rl_agents.rollout_group import RolloutGroup
+
+    cfg = RolloutConfig(ECHO, num_envs=2, sampling=SamplingParams(temperature=0.0, max_new_tokens=4))
+    tasks = make_tasks(["train-1", "train-2"], split="train") + make_tasks(["train-2", "train-5"], split="test_seen")
+    with RolloutGroup(EngineSpec("hf", str(policy_dir)), cfg, num_workers=2, progress=False) as group:
+        trajs = group.run(tasks)
+    assert [(t.metadata["split"], t.task_id) for t in trajs] == \
+        [("train", "train-1"), ("train", "train-2"), ("test_seen", "train-2"), ("test_seen", "train-5")]
+    assert [t.success for t in trajs] == [False, True, True, False]
+
+
+@pytest.mark.slow
 def test_group_weight_update_reaches_every_worker(ray_session, policy_dir, tmp_path):
     """Stale weights are detected (gap > 0), the update fixes them (gap ~ 0), and a worker
     restarted after the update comes back with the new weights, not the base model's."""
@@ -269,3 +284,19 @@ def test_group_weight_update_reaches_every_worker(ray_session, policy_dir, tmp_p
         after_restart = group.check_weight_sync(trainer)
     assert before > 1e-2, before
     assert after < 1e-4 and after_restart < 1e-4, (after, after_restart)
+
+
+def test_local_ray_quiets_only_the_placement_group_cleaner_in_workers(ray_session):
+    """Without the dashboard, Ray Train's PlacementGroupCleaner actor would log a state-API
+    warning every second of every training run; `init_ray`'s worker hook raises that logger
+    (and no other) to ERROR in every worker process."""
+    import logging
+
+    from rl_agents.ray_utils import QUIET_LOGGERS
+
+    @ray_session.remote(num_cpus=0)
+    def levels(names):
+        return [logging.getLogger(n).getEffectiveLevel() for n in names]
+
+    quiet, other = ray_session.get(levels.remote([QUIET_LOGGERS[0], "ray.train.v2._internal.execution.controller"]))
+    assert quiet == logging.ERROR and other < logging.ERROR
