@@ -52,9 +52,9 @@ ENVS = {
     # The demo's TextShop sizes (explore 48 here, the demo 40 for its 30-min budget); experts need 4-5 turns.
     "textshop": dict(env_id="rl_agents/TextShop-v0", train_tasks=96, explore_tasks=48, eval_tasks=20,
                      max_turns=6, max_context=2048, envs_per_worker=32),
-    # ALFWorld's ids sort by task type: the first train and test games are all look_at_obj_in_light
-    # (experts of the first 64: 3-62 actions, median 9). ETO's released config allows 40 turns; 20
-    # here for the CPU budget. Context as examples/sft_alfworld.yaml.
+    # ALFWorld's ids sort by task type, so the subsets use task_order="interleaved" (round robin over
+    # the six types; env_settings). ETO's released config allows 40 turns; 20 here for the CPU
+    # budget. Context as examples/sft_alfworld.yaml.
     "alfworld": dict(env_id="rl_agents/ALFWorld-v0", train_tasks=64, explore_tasks=32, eval_tasks=10,
                      max_turns=20, max_context=3072, envs_per_worker=16),
 }
@@ -258,7 +258,8 @@ def env_settings(name: str, args) -> tuple[dict | None, str | None]:
         if not (data / "json_2.1.1").is_dir():
             return None, (f"no ALFWorld games at {data} (set ALFWORLD_DATA or --alfworld-data to the directory "
                           "holding json_2.1.1/)")
-        env["env_kwargs"] = {"data_dir": str(data)}
+        # Type-balanced subsets: the first N tasks in ALFWorld's sorted order are all one task type.
+        env["env_kwargs"] = {"data_dir": str(data), "task_order": "interleaved"}
     try:  # fail here, not in every run: missing textworld, unreadable games
         import gymnasium as gym
 

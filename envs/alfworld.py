@@ -269,6 +269,21 @@ def _holding_after(action: str, held: str | None) -> str | None:
     return held
 
 
+def task_type(task_id: str) -> str:
+    """Of an id 'train/pick_heat_then_place_in_recep-Egg-None-Fridge-13/trial_...': the part of the
+    task directory before its first '-'."""
+    return task_id.split("/")[1].split("-")[0]
+
+
+def interleave_by_type(task_ids: list[str]) -> list[str]:
+    """Round robin over task types (types in sorted order, each type's ids in the given order)."""
+    by_type: dict[str, list[str]] = collections.defaultdict(list)
+    for t in task_ids:
+        by_type[task_type(t)].append(t)
+    queues = [by_type[k] for k in sorted(by_type)]
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 class ALFWorldEnv(TextEnv):
     """ALFWorld's text games (TextWorld PDDL), with ALFWorld's splits and ETO's turn budget.
 
@@ -279,6 +294,9 @@ class ALFWorldEnv(TextEnv):
         valid_actions: add the admissible commands as `info["valid_actions"]` at every reset and
             step (free here: the engine computes them anyway). A reset option
             `{"valid_actions": bool}` overrides it for one episode.
+        task_order: "sorted" (default: ids sort by task type, so the first N tasks of a split are
+            all one type) or "interleaved" (round robin over the six task types, each type in
+            sorted order: the first N tasks are a type-balanced subset, for small-scale runs).
     """
 
     default_max_turns = 40  # ETO's released config (eval_agent/configs/task/alfworld.json)
@@ -291,8 +309,12 @@ class ALFWorldEnv(TextEnv):
     )
 
     def __init__(self, split: str = "train", max_turns: int | None = None, render_mode: str | None = None, *,
-                 data_dir: str | os.PathLike | None = None, valid_actions: bool = False):
+                 data_dir: str | os.PathLike | None = None, valid_actions: bool = False,
+                 task_order: str = "sorted"):
+        if task_order not in ("sorted", "interleaved"):
+            raise ValueError(f"task_order={task_order!r} is not one of ['sorted', 'interleaved']")
         super().__init__(split=split, max_turns=max_turns, render_mode=render_mode)
+        self.task_order = task_order
         try:
             import textworld  # noqa: F401
             from textworld.envs.pddl import pddl  # noqa: F401
@@ -313,7 +335,8 @@ class ALFWorldEnv(TextEnv):
     def list_tasks(self, split: str) -> list[str]:
         if split not in SPLIT_DIRS:
             raise ValueError(f"split={split!r} is not one of {list(SPLIT_DIRS)}")
-        return list(scan_games(str(self._json_dir), SPLIT_DIRS[split])[0])
+        tasks = list(scan_games(str(self._json_dir), SPLIT_DIRS[split])[0])
+        return tasks if self.task_order == "sorted" else interleave_by_type(tasks)
 
     def skipped_tasks(self, split: str) -> dict[str, str]:
         """Games of a split left out of `list_tasks`, with the reason."""

@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers rl_agents/ALFWorld-v0)
 import envs.alfworld as alfworld
-from envs.alfworld import ALFWorldEnv, demangle_names, scan_games, strip_location
+from envs.alfworld import ALFWorldEnv, demangle_names, scan_games, strip_location, task_type
 from tests.envs.conftest import hostile_actions, rollout
 
 pytestmark = pytest.mark.alfworld
@@ -28,10 +28,6 @@ def env(alfworld_data):
     e.close()
 
 
-def _task_type(task_id: str) -> str:
-    return task_id.split("/")[1].split("-")[0]
-
-
 def test_missing_data_is_a_clear_error(monkeypatch, tmp_path):
     pytest.importorskip("textworld.envs.pddl", reason="textworld[pddl] is not installed")
     monkeypatch.delenv("ALFWORLD_DATA", raising=False)
@@ -44,6 +40,18 @@ def test_missing_data_is_a_clear_error(monkeypatch, tmp_path):
         ALFWorldEnv(data_dir=tmp_path / "nowhere")
 
 
+def test_interleaved_task_order_is_a_type_balanced_permutation(env, alfworld_data):
+    inter = gym.make("rl_agents/ALFWorld-v0", data_dir=alfworld_data, task_order="interleaved").unwrapped
+    for split in ("train", "test_seen"):
+        assert sorted(inter.list_tasks(split)) == env.list_tasks(split)
+    first = inter.list_tasks("train")[:12]
+    assert [task_type(t) for t in first[:6]] == sorted(set(map(task_type, env.list_tasks("train"))))
+    assert collections.Counter(map(task_type, first)) == {t: 2 for t in map(task_type, first[:6])}
+    assert set(first[::6][:2]) == set(env.list_tasks("train")[:2])  # each type keeps its own order
+    with pytest.raises(ValueError, match="task_order"):
+        ALFWorldEnv(task_order="random", data_dir=alfworld_data)
+
+
 def test_data_dir_from_the_environment(alfworld_data, monkeypatch):
     monkeypatch.setenv("ALFWORLD_DATA", str(alfworld_data))
     assert ALFWorldEnv(split="test_seen").data_dir == alfworld_data
@@ -53,7 +61,7 @@ def test_splits_and_skipped_games(env, caplog):
     sizes = {s: len(env.list_tasks(s)) for s in env.splits}
     assert sizes == {"train": 600, "test_seen": 140, "test_unseen": 134}  # ETO Table 1: 140 / 134
     assert env.list_tasks("train") == sorted(env.list_tasks("train"))
-    assert collections.Counter(map(_task_type, env.list_tasks("train"))) == {
+    assert collections.Counter(map(task_type, env.list_tasks("train"))) == {
         t: 100 for t in ("look_at_obj_in_light", "pick_and_place_simple", "pick_clean_then_place_in_recep",
                          "pick_cool_then_place_in_recep", "pick_heat_then_place_in_recep", "pick_two_obj_and_place")}
     skipped_seen, skipped_unseen = env.skipped_tasks("test_seen"), env.skipped_tasks("test_unseen")
@@ -188,7 +196,7 @@ def test_experts_win_and_reproduce_the_recorded_observations(env, alfworld_data)
     observation equals the one in gt_traj.json (after ALFWorld's "You arrive at loc N." strip)."""
     by_type = collections.defaultdict(list)
     for t in env.list_tasks("train"):
-        by_type[_task_type(t)].append(t)
+        by_type[task_type(t)].append(t)
     tasks = [ts[i] for ts in by_type.values() for i in (0, 33, 66, 99)]
     assert len(tasks) == 24
     for task in tasks:
