@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import examples.guess_number_env  # noqa: F401  (registers examples/GuessNumber-v0)
 from rl_agents.cli import build_parser, cmd_env_play, main
 from rl_agents.trajectory import read_conversations, read_jsonl
@@ -75,3 +77,18 @@ def test_module_prefixed_env_id_from_a_fresh_process(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert "5/5 reach reward 1.0" in out.stdout
+
+
+def test_train_takes_overrides_before_and_after_its_flag(monkeypatch):
+    """`rl-agents train CONFIG --no-start-eval k=v` and `... k=v --no-start-eval` mean the same;
+    a stray non-override argument is still an error."""
+    import rl_agents.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_train", lambda args: seen.append((args.overrides, args.no_start_eval)) or 0)
+    assert cli.main(["train", "c.yaml", "a=1", "--no-start-eval", "b.c=2"]) == 0
+    assert cli.main(["train", "c.yaml", "--no-start-eval", "a=1", "b.c=2"]) == 0
+    assert cli.main(["train", "c.yaml", "a=1", "b.c=2"]) == 0
+    assert seen == [(["a=1", "b.c=2"], True), (["a=1", "b.c=2"], True), (["a=1", "b.c=2"], False)]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "c.yaml", "--no-start-eval", "a=1", "stray"])
