@@ -229,12 +229,12 @@ def bench_sciworld(n_tasks: int, repeats: int) -> dict:
 
 
 def bench_alfworld(data_dir: Path, n_tasks: int, repeats: int) -> dict:
-    from envs.alfworld import ALFWorldEnv
+    from envs.alfworld import ALFWorldEnv, task_type
 
     ours = ALFWorldEnv(data_dir=data_dir)
     by_type: dict[str, str] = {}
     for t in ours.list_tasks("train"):
-        by_type.setdefault(t.split("/")[1].split("-")[0], t)
+        by_type.setdefault(task_type(t), t)
     tasks = list(by_type.values())[:n_tasks]
     contenders = {"raw": AlfRaw(data_dir), "ours": Ours(ours), "eto-style": AlfETO(data_dir)}
     try:
