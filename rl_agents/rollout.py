@@ -39,7 +39,7 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,16 +156,21 @@ class RolloutWorker:
 
     def rollout(self, tasks: Sequence[RolloutTask], sampling: SamplingParams | None = None) -> list[Trajectory]:
         """Run every task; trajectories come back in the order their episodes finished."""
+        return list(self.iter_rollout(tasks, sampling))
+
+    def iter_rollout(self, tasks: Sequence[RolloutTask], sampling: SamplingParams | None = None) -> Iterator[Trajectory]:
+        """`rollout`, yielding each trajectory as soon as its episode ends. Called on a Ray actor this is
+        a streaming generator: the driver sees every episode land (progress, and a worker that dies
+        mid-call loses only the episodes it had not yet yielded)."""
         params = self._params(sampling)
         queue, free = deque(tasks), list(range(self.config.num_envs))[::-1]
         active: list[_Episode] = []
-        done: list[Trajectory] = []
         while queue or active:
             while queue and free:
                 ep = self._start(queue.popleft(), free.pop(), params)
                 if ep.stop_reason:
-                    done.append(self._record(ep))
                     free.append(ep.slot)
+                    yield self._record(ep)
                 else:
                     active.append(ep)
             if not active:
@@ -178,16 +183,17 @@ class RolloutWorker:
             gens = self.engine.generate([ep.context for ep in active], dataclasses.replace(params, seed=call_seed))
             self.stats["engine_s"] += time.perf_counter() - t0
             self.stats["engine_calls"] += 1
-            still = []
+            still, finished = [], []
             for ep, gen in zip(active, gens, strict=True):
                 self._advance(ep, gen, params)
                 if ep.stop_reason:
-                    done.append(self._record(ep))
+                    finished.append(self._record(ep))
                     free.append(ep.slot)
                 else:
                     still.append(ep)
             active = still
-        return done
+            for traj in finished:  # not `yield from finished`: under Ray 2.60 it raised "list_iterator has no .send"
+                yield traj
 
     # ---- episode steps ---------------------------------------------------------------------
     def _params(self, sampling: SamplingParams | None) -> SamplingParams:

@@ -8,18 +8,21 @@
 
 Scheduling: tasks go out in fixed chunks (default 2K tasks per call, K = envs per worker), round
 robin, two chunks in flight per worker so an engine never waits for the driver; inside a call the
-worker refills its K env slots as episodes end. `iter_results` yields each chunk's trajectories
-as it lands. A chunk's result does not depend on which worker ran it (sampling seeds come from
-the tasks), so a run is reproducible whatever the number of workers, for the same chunk size, K
-and weights, up to float rounding (and unless a worker died: its tasks re-run one per chunk).
+worker refills its K env slots as episodes end. Each call is a Ray streaming generator
+(`RolloutWorker.iter_rollout`): every trajectory comes back the moment its episode ends, so
+`iter_results` yields (and the progress bar ticks) per episode, not per chunk. A chunk's result
+does not depend on which worker ran it (sampling seeds come from the tasks), so a run is
+reproducible whatever the number of workers, for the same chunk size, K and weights, up to float
+rounding (and unless a worker died: its lost tasks re-run one per chunk).
 
-Fault tolerance: results are keyed by `(task_id, sample_index)`. When a worker dies (killed,
-OOM, a segfaulting simulator) every chunk it had in flight is lost as a whole; the group kills
-what is left of the actor, starts a new one with the same resources (and the latest weights),
-and re-queues those tasks one per chunk, so a task that keeps killing workers is isolated: after
-`max_task_attempts` deaths it is recorded as an error trajectory (`metadata["error"]`) instead
-of looping. Nothing is lost, nothing is counted twice. Application errors inside a worker
-(bugs) are not retried: they are raised.
+Fault tolerance: results are keyed by `(split, task_id, sample_index)`. When a worker dies
+(killed, OOM, a segfaulting simulator) the episodes it had already returned are kept and the
+rest of its in-flight chunks is lost; the group kills what is left of the actor, starts a new
+one with the same resources (and the latest weights), and re-queues the lost tasks one per
+chunk, so a task that keeps killing workers is isolated: after `max_task_attempts` deaths it is
+recorded as an error trajectory (`metadata["error"]`) instead of looping. Nothing is lost,
+nothing is counted twice. Application errors inside a worker (bugs) are not retried: they are
+raised.
 
 Resources: `num_cpus`/`num_gpus` per worker; `placement_strategy` ('PACK', 'SPREAD',
 'STRICT_SPREAD', ...) reserves one bundle per worker in a placement group first (GPU clusters).
@@ -106,7 +109,7 @@ class RolloutGroup:
 
     def iter_results(self, tasks: Sequence[RolloutTask], sampling: SamplingParams | None = None, *,
                      desc: str = "rollout") -> Iterator[Trajectory]:
-        """Yield each trajectory once, as soon as its chunk comes back."""
+        """Yield each trajectory once, as soon as its episode ends (any order)."""
         import ray
         from ray.exceptions import RayActorError
         from tqdm import tqdm
@@ -117,7 +120,8 @@ class RolloutGroup:
         # Chunks no larger than an even share per worker, so a small call still keeps every worker busy.
         size = min(self.chunk_size, max(1, -(-len(tasks) // self.num_workers)))
         queue = deque(list(tasks[i : i + size]) for i in range(0, len(tasks), size))
-        inflight: dict[Any, tuple[int, list[RolloutTask]]] = {}
+        # One streaming call per chunk: generator -> (worker index, the chunk's tasks not yet returned).
+        inflight: dict[Any, tuple[int, dict[tuple[str, str, int], RolloutTask]]] = {}
         attempts: dict[tuple[str, str, int], int] = defaultdict(int)
         seen: set[tuple[str, str, int]] = set()
         bar = tqdm(total=len(tasks), desc=desc, disable=not self.progress, dynamic_ncols=True)
@@ -126,23 +130,29 @@ class RolloutGroup:
         def submit(index: int, depth: int = 2) -> None:
             while queue and sum(1 for w, _ in inflight.values() if w == index) < depth:
                 chunk = queue.popleft()
-                inflight[self.workers[index].rollout.remote(chunk, sampling)] = (index, chunk)
+                gen = self.workers[index].iter_rollout.options(num_returns="streaming").remote(chunk, sampling)
+                inflight[gen] = (index, {self._key(t): t for t in chunk})
 
         try:
             for depth in (1, 2):  # round robin: every worker gets a first chunk before any gets a second
                 for i in range(self.num_workers):
                     submit(i, depth)
             while inflight:
-                (ref,), _ = ray.wait(list(inflight), num_returns=1)
-                index, chunk = inflight.pop(ref)
+                (gen,), _ = ray.wait(list(inflight), num_returns=1)
+                index, pending = inflight[gen]
                 try:
-                    trajs = ray.get(ref)
+                    traj = ray.get(next(gen))
+                except StopIteration:  # the chunk is done
+                    del inflight[gen]
+                    submit(index)
+                    continue
                 except RayActorError as e:
-                    lost = [chunk]  # and every other chunk the dead worker had
-                    for r in [r for r, (w, _) in inflight.items() if w == index]:
-                        lost.append(inflight.pop(r)[1])
+                    # The worker died: what it had not returned yet, of this chunk and of its other one.
+                    lost = [t for g, (w, p) in list(inflight.items()) if w == index for t in p.values()]
+                    for g in [g for g, (w, _) in inflight.items() if w == index]:
+                        del inflight[g]
                     self._restart(index)
-                    for task in (t for c in lost for t in c):
+                    for task in lost:
                         key = self._key(task)
                         attempts[key] += 1
                         if attempts[key] >= self.max_task_attempts:
@@ -155,15 +165,14 @@ class RolloutGroup:
                     for i in range(self.num_workers):
                         submit(i)
                     continue
-                for traj in trajs:
-                    key = _traj_key(traj)
-                    if key in wanted and key not in seen:
-                        seen.add(key)
-                        total_reward += traj.reward
-                        bar.update(1)
-                        bar.set_postfix(reward=f"{total_reward / len(seen):.3f}", restarts=self.restarts)
-                        yield traj
-                submit(index)
+                key = _traj_key(traj)
+                pending.pop(key, None)
+                if key in wanted and key not in seen:
+                    seen.add(key)
+                    total_reward += traj.reward
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{total_reward / len(seen):.3f}", restarts=self.restarts)
+                    yield traj
         finally:
             bar.close()
         missing = set(wanted) - seen

@@ -28,14 +28,14 @@ class EchoEnv(TextEnv):
     """Task '<kind>-<n>': the observation grows with n, the episode ends after 1 + n % 5 steps
     (n % 5 == 4 runs into the 4-turn budget: truncated), even n wins. kind 'crash' raises at its
     2nd step; kind 'exit' kills the process at its 1st step (once per `exit_marker` file, or
-    always without one)."""
+    always without one). `reset_log`: a file each reset appends its task id to."""
 
     default_max_turns = 4
     action_help = "Actions: say[anything]"
 
-    def __init__(self, split="train", max_turns=None, render_mode=None, exit_marker=None):
+    def __init__(self, split="train", max_turns=None, render_mode=None, exit_marker=None, reset_log=None):
         super().__init__(split, max_turns, render_mode)
-        self.exit_marker = exit_marker
+        self.exit_marker, self.reset_log = exit_marker, reset_log
 
     def list_tasks(self, split):
         return [f"{split}-{i}" for i in range(20)]
@@ -43,6 +43,9 @@ class EchoEnv(TextEnv):
     def _reset_task(self, task_id):
         self.kind, n = task_id.rsplit("-", 1)
         self.n = int(n)
+        if self.reset_log is not None:
+            with open(self.reset_log, "a") as f:
+                f.write(task_id + "\n")
         return f"Task {task_id}: repeat after me" + " echo" * (3 * self.n), "Say things.", {}
 
     def _step_action(self, action):
@@ -227,6 +230,28 @@ def test_group_survives_dead_workers(ray_session, policy_dir, tmp_path, hf_engin
     assert all("error" not in t.metadata for t in trajs)
     reference = _worker(hf_engine, num_envs=2, max_new_tokens=6, env_kwargs={"exit_marker": str(tmp_path / "exited")})
     assert _ids(trajs) == _ids(reference.rollout(tasks))
+
+
+@pytest.mark.slow
+def test_worker_death_reruns_only_the_episodes_not_yet_returned(ray_session, policy_dir, tmp_path):
+    """Results stream back per episode: when `exit-3` kills the worker in the middle of its chunk,
+    train-1 and train-2 (already returned) are kept; only exit-3 and train-4 run again."""
+    from collections import Counter
+
+    from rl_agents.rollout_group import RolloutGroup
+
+    log = tmp_path / "resets"
+    cfg = RolloutConfig(ECHO, num_envs=1, sampling=SamplingParams(temperature=0.0, max_new_tokens=4),
+                        env_kwargs={"exit_marker": str(tmp_path / "exited"), "reset_log": str(log)})
+    tasks = make_tasks(["train-1", "train-2", "exit-3", "train-4"])
+    arrived = []
+    with RolloutGroup(EngineSpec("hf", str(policy_dir)), cfg, num_workers=1, chunk_size=4, progress=False) as group:
+        trajs = group.run(tasks, on_result=lambda t: arrived.append(t.task_id))
+        assert group.restarts == 1
+    assert [t.task_id for t in trajs] == ["train-1", "train-2", "exit-3", "train-4"]
+    assert all("error" not in t.metadata for t in trajs)
+    assert arrived[:2] == ["train-1", "train-2"]
+    assert Counter(log.read_text().split()) == {"train-1": 1, "train-2": 1, "exit-3": 2, "train-4": 1}
 
 
 @pytest.mark.slow
