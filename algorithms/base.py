@@ -67,6 +67,11 @@ class RolloutSection:
     max_context: int = 2048
     """Prompt + generation budget; longer episodes end cleanly ('context')."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the engine: vLLM's `LLM(...)` (gpu_memory_utilization,
+    tensor_parallel_size, max_model_len, enforce_eager, ...: checked by vLLM when the workers
+    start) or the HF engine's (prefix_cache_mb, max_batch_size, logprobs_mode: checked here).
+    model, dtype and device come from the fields above."""
     samples_per_task: int = 1
     """Exploration samples per train task."""
     explore_data: str | None = None
@@ -80,7 +85,30 @@ class RolloutSection:
             raise ConfigError(f"rollout.num_workers: must be >= 1, got {self.num_workers}")
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature: must be >= 0, got {self.temperature}")
+        owned = {"model", "dtype", "device"} & set(self.engine_kwargs)
+        if owned:
+            raise ConfigError(f"rollout.engine_kwargs: {sorted(owned)} are set by rollout.dtype and the run "
+                              "(model = the current policy, device from num_gpus_per_worker)")
+        if self.engine == "hf":
+            import inspect
 
+            from rl_agents.engines.hf import HFEngine
+
+            known = set(inspect.signature(HFEngine.__init__).parameters) - {"self", "model", "dtype", "device"}
+            bad = sorted(set(self.engine_kwargs) - known)
+            if bad:
+                raise ConfigError(f"rollout.engine_kwargs: {bad} are not arguments of the hf engine; "
+                                  f"valid: {', '.join(sorted(known))}")
+
+
+
+def engine_spec(r: RolloutSection, model: str):
+    """The rollout workers' engine: `r.engine` on `model`, with `r.engine_kwargs` on top of the threads."""
+    from rl_agents.engines.base import EngineSpec
+
+    threads = {"num_threads": r.threads_per_worker} if r.threads_per_worker and r.engine == "hf" else {}
+    return EngineSpec(kind=r.engine, model=str(model), dtype=r.dtype, device="cuda" if r.num_gpus_per_worker else "cpu",
+                      kwargs={**threads, **r.engine_kwargs})
 
 @dataclass
 class AlgorithmConfig:
@@ -262,13 +290,12 @@ class Algorithm:
     def group(self):
         """The rollout workers (created once; their weights follow `self.policy`)."""
         if self._group is None:
-            from rl_agents.engines.base import EngineSpec, SamplingParams
+            from rl_agents.engines.base import SamplingParams
             from rl_agents.rollout import RolloutConfig
             from rl_agents.rollout_group import RolloutGroup
 
             r, env = self.config.rollout, self.config.env
-            spec = EngineSpec(kind=r.engine, model=self.policy, dtype=r.dtype, device="cuda" if r.num_gpus_per_worker else "cpu",
-                              kwargs={"num_threads": r.threads_per_worker} if r.threads_per_worker and r.engine == "hf" else {})
+            spec = engine_spec(r, self.policy)
             kwargs = {**env.env_kwargs, **({"max_turns": env.max_turns} if env.max_turns else {})}
             rcfg = RolloutConfig(env_id=env.env_id, split="train", env_kwargs=kwargs, num_envs=r.envs_per_worker,
                                  max_context=r.max_context,
