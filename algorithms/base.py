@@ -72,6 +72,11 @@ class RolloutSection:
     tensor_parallel_size, max_model_len, enforce_eager, ...: checked by vLLM when the workers
     start) or the HF engine's (prefix_cache_mb, max_batch_size, logprobs_mode: checked here).
     model, dtype and device come from the fields above."""
+    sync_check: Literal["auto", "always", "never"] = "auto"
+    """After each weight update, compare the rollout engines' log-probs on probe prompts with the
+    new policy's, computed on the driver in fp32 (metric `sync/max_logprob_diff`: ~0 when the
+    weights arrived). 'auto': only for checkpoints under 2 GiB; a 7B/8B policy would need ~30 GiB
+    of driver memory and minutes of CPU forward per update."""
     samples_per_task: int = 1
     """Exploration samples per train task."""
     explore_data: str | None = None
@@ -372,13 +377,24 @@ class Algorithm:
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         if self._group is not None:
             self._group.update_weights(self.policy)
-            metrics["sync/max_logprob_diff"] = self._weight_sync_diff()
+            if should_check_sync(self.policy, self.config.rollout.sync_check):
+                metrics["sync/max_logprob_diff"] = self._weight_sync_diff()
         return metrics
 
     def _weight_sync_diff(self) -> float:
         from rl_agents.models import load_model
 
         return float(self._group.check_weight_sync(load_model(self.policy)))
+
+
+SYNC_CHECK_MAX_BYTES = 2 * 2**30
+
+
+def should_check_sync(policy: str | Path, mode: str) -> bool:
+    """`rollout.sync_check`: 'auto' checks policies whose safetensors total under 2 GiB."""
+    if mode != "auto":
+        return mode == "always"
+    return sum(f.stat().st_size for f in Path(policy).glob("*.safetensors")) < SYNC_CHECK_MAX_BYTES
 
 
 def _link(link: Path, target: str) -> None:

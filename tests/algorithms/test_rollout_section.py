@@ -29,3 +29,22 @@ def test_engine_kwargs_errors_name_the_field():
         from_dict(SFTConfig, {"rollout": {"engine_kwargs": {"gpu_memory_utilization": 0.8}}})
     with pytest.raises(ConfigError, match=r"rollout.engine_kwargs: \['dtype'\] are set by rollout.dtype"):
         from_dict(SFTConfig, {"rollout": {"engine": "vllm", "engine_kwargs": {"dtype": "float16"}}})
+
+
+def test_sync_check_auto_skips_large_policies(tmp_path):
+    """'auto' compares engine and trainer log-probs only for small checkpoints (the driver loads the
+    policy in fp32 on CPU); 'always'/'never' override. Sizes from sparse files."""
+    from algorithms.base import SYNC_CHECK_MAX_BYTES, should_check_sync
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir(), big.mkdir()
+    with open(small / "model.safetensors", "wb") as f:
+        f.truncate(SYNC_CHECK_MAX_BYTES - 1)
+    for i in (1, 2):  # two shards of 1.5 GiB: 3 GiB in all
+        with open(big / f"model-0000{i}-of-00002.safetensors", "wb") as f:
+            f.truncate(3 * 2**29)
+    assert should_check_sync(small, "auto") is True
+    assert should_check_sync(big, "auto") is False
+    assert should_check_sync(big, "always") is True and should_check_sync(small, "never") is False
+    with pytest.raises(ConfigError, match="rollout.sync_check"):
+        from_dict(SFTConfig, {"rollout": {"sync_check": "sometimes"}})
