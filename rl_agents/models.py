@@ -197,16 +197,36 @@ MODEL_ALIASES: dict[str, Callable[[], Path]] = {
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """An alias (`smollm2-135m`, `tiny-llama`) or a local HF checkpoint directory -> its path."""
+    """An alias (`smollm2-135m`, `tiny-llama`), a local HF checkpoint directory, or a hub id
+    (`org/name`) already in the local Hugging Face cache (`hf download org/name`; looked up with
+    `local_files_only=True`, never fetched) -> its path."""
     key = str(name_or_path)
     if key.lower() in MODEL_ALIASES:
         return str(MODEL_ALIASES[key.lower()]())
     path = Path(key).expanduser()
     if (path / "config.json").is_file():
         return str(path)
-    raise ValueError(f"unknown model {key!r}: not an alias ({', '.join(sorted(MODEL_ALIASES))}) and not a local "
-                     "directory with a config.json. rl_agents never downloads from the Hugging Face hub: fetch "
-                     "the model yourself (e.g. `hf download <repo> --local-dir DIR`) and pass DIR.")
+    cached = _hub_cache_snapshot(key)
+    if cached is not None:
+        return cached
+    raise ValueError(f"unknown model {key!r}: not an alias ({', '.join(sorted(MODEL_ALIASES))}), not a local "
+                     "directory with a config.json, and not a hub id in the local Hugging Face cache. rl_agents "
+                     "never downloads from the hub: fetch the model yourself (`hf download <repo>`, or "
+                     "`hf download <repo> --local-dir DIR` and pass DIR).")
+
+
+def _hub_cache_snapshot(repo_id: str) -> str | None:
+    """The cached snapshot dir of hub id `org/name` (with a config.json), or None; no network."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snap = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        return None
+    return str(snap) if (snap / "config.json").is_file() else None
 
 
 def load_tokenizer(path: str | os.PathLike):

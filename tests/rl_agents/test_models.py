@@ -105,11 +105,25 @@ def test_cached_build_is_atomic_and_versioned(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_resolve_model_never_goes_to_the_hub(tmp_path):
+def test_resolve_model_never_goes_to_the_hub(tmp_path, monkeypatch):
+    """A hub id resolves only from the local HF cache (a snapshot `hf download` left there)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     with pytest.raises(ValueError, match="never downloads"):
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(ValueError, match="smollm2-135m"):
         resolve_model(tmp_path)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text(commit)
+    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == str(snap.resolve())
+    with pytest.raises(ValueError, match="not a hub id in the local Hugging Face cache"):
+        resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct")
 
 
 def test_load_tokenizer_sets_a_missing_pad_token(tmp_path, tokenizer):
