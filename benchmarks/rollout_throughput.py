@@ -218,7 +218,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2, help="torch threads of the in-process worker (part 1)")
-    p.add_argument("--prefix-cache-mb", type=int, default=1024, help="HF engine prefix cache; 0 = off")
+    p.add_argument("--prefix-cache-mb", type=int, default=None,
+                   help="HF engine prefix cache budget in MiB (default: automatic, every episode at full context; 0 = off)")
     p.add_argument("--env", default="rl_agents/TextShop-v0")
     p.add_argument("--episodes", type=int, default=16)
     p.add_argument("--max-turns", type=int, default=4)

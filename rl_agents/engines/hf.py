@@ -4,14 +4,18 @@
   mask (cumsum), so a left-padded row sees exactly the positions it would see alone: batched
   greedy decoding gives the same ids as one prompt at a time (tests/rl_agents/test_engines.py).
 * KV cache: `generate`'s dynamic cache within a call, plus a prefix cache across calls
-  (`prefix_cache_mb` > 0, the default). A multi-turn episode's next prompt is its previous
+  (on by default; `prefix_cache_mb=0` turns it off). A multi-turn episode's next prompt is its previous
   prompt + the generated ids + the observation; instead of prefilling all of it again, the
   engine keeps each sequence's KV after a call and, when a later prompt extends a kept sequence,
   feeds only the new tokens. Rows with different cached lengths share a batch through the mask:
   each row is `[pad][cached tokens][pad][new tokens]` (holes are masked out, positions still
   come from the mask's cumsum). Entries are used once (the extended sequence replaces them),
-  evicted least-recently-used beyond `prefix_cache_mb`, and dropped on `update_weights`
-  (KV computed with old weights is stale). Cached KV equals recomputed KV up to float rounding.
+  evicted least-recently-used beyond the budget, and dropped on `update_weights` (KV computed
+  with old weights is stale). Cached KV equals recomputed KV up to float rounding.
+  Budget: `prefix_cache_mb` if given; else (None) 1 GiB, grown by a rollout worker to hold all
+  its K episodes at full context (`reserve_prefix_cache(K, max_context)`), since a miss costs a
+  full prefill (on CPU ~10 s for 2k tokens of a 135M model) and a budget smaller than K live
+  episodes misses on every turn once contexts grow (LRU over K entries put together).
 * Log-probs, per generated token, from `generate`'s per-step outputs:
   - `logprobs_mode="raw"` (default): log_softmax of `output_logits`, the model's own
     distribution at temperature 1 without top-p. This is what the trainer computes, so the two
@@ -39,6 +43,7 @@ import torch
 from rl_agents.engines.base import Engine, Generation, SamplingParams, is_lora_adapter
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_PREFIX_CACHE_MB = 1024  # floor of the automatic budget
 
 
 class PrefixCache:
@@ -81,7 +86,7 @@ class PrefixCache:
 
 class HFEngine(Engine):
     def __init__(self, model: str, dtype: str = "float32", device: str = "cpu", logprobs_mode: str = "raw",
-                 max_batch_size: int = 64, num_threads: int | None = None, prefix_cache_mb: int = 1024,
+                 max_batch_size: int = 64, num_threads: int | None = None, prefix_cache_mb: int | None = None,
                  tokenizer: str | None = None):
         """`model`: HF checkpoint dir or alias; `tokenizer`: its dir if the checkpoint has none."""
         from rl_agents.models import load_tokenizer, resolve_model
@@ -100,7 +105,24 @@ class HFEngine(Engine):
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.model = self._load(self.base_path)
         self.weights_path = str(self.base_path)
-        self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb > 0 else None
+        self.auto_prefix_cache = prefix_cache_mb is None
+        mb = DEFAULT_PREFIX_CACHE_MB if prefix_cache_mb is None else prefix_cache_mb
+        self.prefix_cache = PrefixCache(mb * 2**20) if mb > 0 else None
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of cached K and V per token: layers x 2 x kv_heads x head_dim x dtype size."""
+        c = self.model.config
+        c = getattr(c, "text_config", None) or c
+        heads = c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return c.num_hidden_layers * 2 * kv_heads * head_dim * self.dtype.itemsize
+
+    def reserve_prefix_cache(self, sequences: int, tokens: int) -> None:
+        """Automatic budget (prefix_cache_mb=None): grow it to hold `sequences` contexts of `tokens`."""
+        if self.prefix_cache is not None and self.auto_prefix_cache:
+            need = sequences * tokens * self.kv_bytes_per_token()
+            self.prefix_cache.max_bytes = max(self.prefix_cache.max_bytes, need)
 
     def _load(self, path: Path) -> torch.nn.Module:
         from rl_agents.models import load_model

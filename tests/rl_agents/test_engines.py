@@ -102,6 +102,29 @@ def test_prefix_cache_changes_nothing_but_the_work(policy_dir, prompts):
     assert pc.reused_tokens > sum(map(len, prompts))
 
 
+def test_prefix_cache_budget_holds_every_episode_of_a_worker(policy_dir, prompts):
+    """Automatic budget: a rollout worker reserves K episodes x max_context tokens of KV (the real
+    per-token size: a cached entry's bytes / its length); an explicit prefix_cache_mb is kept."""
+    from rl_agents.engines.hf import DEFAULT_PREFIX_CACHE_MB
+    from rl_agents.rollout import RolloutConfig, RolloutWorker
+
+    eng = HFEngine(str(policy_dir))
+    eng.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=3))
+    (ids, kv), = eng.prefix_cache.entries.values()
+    per_token = kv.numel() * kv.element_size() // len(ids)
+    assert eng.kv_bytes_per_token() == per_token
+    floor = DEFAULT_PREFIX_CACHE_MB * 2**20
+    assert eng.prefix_cache.max_bytes == floor
+    RolloutWorker(eng, RolloutConfig("rl_agents/TextShop-v0", num_envs=2, max_context=64))  # fits the floor
+    assert eng.prefix_cache.max_bytes == floor
+    big = floor // per_token + 1  # tokens: two episodes of this need more than the floor
+    RolloutWorker(eng, RolloutConfig("rl_agents/TextShop-v0", num_envs=2, max_context=big))
+    assert eng.prefix_cache.max_bytes == 2 * big * per_token > floor
+    fixed = HFEngine(str(policy_dir), prefix_cache_mb=1)
+    RolloutWorker(fixed, RolloutConfig("rl_agents/TextShop-v0", num_envs=2, max_context=big))
+    assert fixed.prefix_cache.max_bytes == 2**20
+
+
 def test_prefix_cache_is_dropped_with_the_old_weights(policy_dir, prompts, tmp_path):
     _perturbed(policy_dir).save_pretrained(tmp_path / "ckpt")
     eng = HFEngine(str(policy_dir))
