@@ -62,24 +62,49 @@ class Practice(NamedTuple):
 def inspect_steps(algo: Algorithm, practice_samples: int, max_steps_per_task: int | None) -> list[Practice]:
     """StepAgent inspection (§4.1, eq. 4-5, Alg. 1 line 7), shared by the implicit and inverse variants:
     cut every expert trajectory before each action (at most `max_steps_per_task` per task) and let
-    the current policy sample `practice_samples` actions per prefix on the rollout workers."""
+    the current policy sample `practice_samples` actions per prefix on the rollout workers.
+
+    Scheduling: all prefixes of one expert trajectory go to one rollout worker, in waves by step
+    (wave k: prefix k of each of its tasks, x practice_samples), submitted in order. Prefix k + 1
+    extends prefix k, so the HF engine's prefix cache feeds each later wave only its new tokens
+    (about one expert turn) instead of the whole context. Practices come back in task, step,
+    sample order whatever the scheduling."""
     import ray
+    from tqdm import tqdm
 
     from rl_agents.engines.base import SamplingParams
     from rl_agents.tokenization import tokenize_rollout_turns
 
     seg, r = algo.segmenter(), algo.config.rollout
-    points = []
-    for expert in algo.experts().values():
-        for sp in step_prefixes(expert)[:max_steps_per_task]:
-            prompt = [i for ids in tokenize_rollout_turns(sp.prefix.turns, seg) for i in ids]
-            points += [(expert, sp, prompt)] * practice_samples
-    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                            seed=algo.config.seed + algo.iteration, stop_token_ids=tuple(seg.stop_token_ids))
     workers = algo.group().workers
-    chunks = [points[i::len(workers)] for i in range(len(workers))]
-    outs = ray.get([w.generate.remote([p for _, _, p in chunk], params) for w, chunk in zip(workers, chunks)])
-    return [Practice(e, sp, list(g.token_ids)) for chunk, out in zip(chunks, outs) for (e, sp, _), g in zip(chunk, out)]
+    waves: list[list[list[tuple[int, Trajectory, StepPrompt, list[int]]]]] = [[] for _ in workers]
+    index = 0
+    for t, expert in enumerate(algo.experts().values()):
+        mine = waves[t % len(workers)]
+        for k, sp in enumerate(step_prefixes(expert)[:max_steps_per_task]):
+            prompt = [i for ids in tokenize_rollout_turns(sp.prefix.turns, seg) for i in ids]
+            if len(mine) <= k:
+                mine.append([])
+            for _ in range(practice_samples):
+                mine[k].append((index, expert, sp, prompt))
+                index += 1
+    seed = algo.config.seed + algo.iteration
+    calls = {}
+    for w, (worker, mine) in enumerate(zip(workers, waves)):
+        for k, wave in enumerate(mine):  # one actor runs its calls in submission order
+            params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                    seed=(seed * 1_000_003 + w * 1009 + k) % 2**31,
+                                    stop_token_ids=tuple(seg.stop_token_ids))
+            calls[worker.generate.remote([p for *_, p in wave], params)] = wave
+    out: list[tuple[int, Practice]] = []
+    with tqdm(total=index, desc="inspect steps", dynamic_ncols=True, disable=not index) as bar:
+        pending = list(calls)
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            wave = calls[ref]
+            out += [(i, Practice(e, sp, list(g.token_ids))) for (i, e, sp, _), g in zip(wave, ray.get(ref), strict=True)]
+            bar.update(len(wave))
+    return [p for _, p in sorted(out, key=lambda x: x[0])]
 
 
 def agrees_with_expert(segmenter, practice: Practice) -> bool:

@@ -16,6 +16,12 @@
    other jobs, "2 cores" may not be 2 free cores. Each worker first runs `--warmup` untimed
    episodes: a fresh ScienceWorld JVM keeps its C2 JIT compiler busy on a second core for ~15 s
    of stepping, and until then one env alone uses ~1.7 of the 2 cores (measured with top -H).
+3. prefix cache budget (`--part prefix_cache`, not in `all`): the same `--cache-episodes` greedy
+   episodes of a long-context env (default ALFWorld, from $ALFWORLD_DATA or ../shared/data/alfworld)
+   in one worker with K = episodes, once with the old fixed 1 GiB budget and once with the
+   automatic one (K x max_context of KV). Reports prompt tokens that had to be prefilled (exact,
+   noise-free), cache hits, wall and CPU time, and whether both produced identical trajectories.
+       python benchmarks/rollout_throughput.py --part prefix_cache --threads 1
 
 On a shared machine wall time depends on the neighbours: part 1 also reports CPU time (with
 `--threads 1` a fair measure of the work done) and every run records the load average.
@@ -136,6 +142,56 @@ def bench_batching(args) -> dict:
     return res
 
 
+def bench_prefix_cache(args) -> dict:
+    import torch
+
+    from rl_agents.engines.hf import HFEngine
+    from rl_agents.models import resolve_model
+
+    torch.set_num_threads(args.threads)
+    env_kwargs = {"max_turns": args.cache_turns}
+    if "ALFWorld" in args.cache_env:
+        data = os.environ.get("ALFWORLD_DATA") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                               "shared", "data", "alfworld")
+        env_kwargs.update(data_dir=data, task_order="interleaved")
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
+    cfg = RolloutConfig(env_id=args.cache_env, split="train", env_kwargs=env_kwargs, num_envs=args.cache_episodes,
+                        max_context=args.cache_context, sampling=sampling)
+    print(f"[prefix_cache] {args.cache_episodes} episodes of {args.cache_env}, <= {args.cache_turns} turns, "
+          f"context {args.cache_context}, {args.model} float32, {args.threads} threads", flush=True)
+    out, trajs = {}, {}
+    for name, mb in (("fixed_1GiB", 1024), ("automatic", None)):
+        engine = HFEngine(resolve_model(args.model), dtype="float32", prefix_cache_mb=mb)
+        worker = RolloutWorker(engine, cfg)
+        tasks = make_tasks(worker.list_tasks("train")[: args.cache_episodes])
+        prompt_tokens = [0]
+        generate = engine.generate
+
+        def counting(prompts, params, _g=generate):
+            prompt_tokens[0] += sum(len(p) for p in prompts)
+            return _g(prompts, params)
+
+        engine.generate = counting
+        trajs[name], wall, cpu, tok, stats, _ = _timed_rollout(worker, tasks)
+        pc = engine.prefix_cache
+        out[name] = {"budget_mib": pc.max_bytes / 2**20, "prompt_tokens": prompt_tokens[0],
+                     "prefilled_tokens": prompt_tokens[0] - pc.reused_tokens, "hits": pc.hits,
+                     "engine_calls": stats["engine_calls"], "wall_s": wall, "cpu_s": cpu, "generated_tokens": tok}
+        print(f"  {name}: budget {out[name]['budget_mib']:.0f} MiB, prefilled {out[name]['prefilled_tokens']} of "
+              f"{prompt_tokens[0]} prompt tokens, {pc.hits} hits / {stats['engine_calls']} calls, "
+              f"{wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        worker.close()
+    ids = {name: {t.task_id: [x.token_ids for x in t.turns] for t in ts} for name, ts in trajs.items()}
+    same = sum(ids["fixed_1GiB"][k] == ids["automatic"][k] for k in ids["automatic"])
+    a, f = out["automatic"], out["fixed_1GiB"]
+    out.update(env=args.cache_env, episodes=args.cache_episodes, identical_trajectories=f"{same}/{len(ids['automatic'])}",
+               mean_final_context_tokens=sum(len(x.token_ids) for t in trajs["automatic"] for x in t.turns)
+               / len(trajs["automatic"]),
+               prefill_ratio=f["prefilled_tokens"] / max(1, a["prefilled_tokens"]),
+               wall_speedup=f["wall_s"] / a["wall_s"], cpu_speedup=f["cpu_s"] / a["cpu_s"])
+    return out
+
+
 def bench_workers(args) -> dict:
     import ray
 
@@ -214,7 +270,7 @@ def sciworld_policy(prompt: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["all", "batching", "workers"], default="all")
+    p.add_argument("--part", choices=["all", "batching", "workers", "prefix_cache"], default="all")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2, help="torch threads of the in-process worker (part 1)")
@@ -224,6 +280,10 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=16)
     p.add_argument("--max-turns", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--cache-env", default="rl_agents/ALFWorld-v0")
+    p.add_argument("--cache-episodes", type=int, default=16)
+    p.add_argument("--cache-turns", type=int, default=20)
+    p.add_argument("--cache-context", type=int, default=3072)
     p.add_argument("--env-bound", default="rl_agents/ScienceWorld-v0")
     p.add_argument("--env-bound-episodes", type=int, default=96)
     p.add_argument("--env-bound-turns", type=int, default=10)
@@ -251,6 +311,10 @@ def main() -> None:
             result["workers"] = bench_workers(args)
         print(f"  -> 2 workers / 1 worker: {result['workers']['speedup']:.2f}x (machine ceiling now: "
               f"{result['workers']['machine_parallelism']:.2f}x)", flush=True)
+    if args.part == "prefix_cache":
+        result["prefix_cache"] = c = bench_prefix_cache(args)
+        print(f"  -> automatic budget prefills {c['prefill_ratio']:.2f}x fewer tokens; wall {c['wall_speedup']:.2f}x, "
+              f"CPU {c['cpu_speedup']:.2f}x faster; identical trajectories: {c['identical_trajectories']}", flush=True)
     result["load_avg_end"] = os.getloadavg()
     print(json.dumps(result))
 

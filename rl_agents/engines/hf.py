@@ -4,18 +4,21 @@
   mask (cumsum), so a left-padded row sees exactly the positions it would see alone: batched
   greedy decoding gives the same ids as one prompt at a time (tests/rl_agents/test_engines.py).
 * KV cache: `generate`'s dynamic cache within a call, plus a prefix cache across calls
-  (on by default; `prefix_cache_mb=0` turns it off). A multi-turn episode's next prompt is its previous
-  prompt + the generated ids + the observation; instead of prefilling all of it again, the
-  engine keeps each sequence's KV after a call and, when a later prompt extends a kept sequence,
-  feeds only the new tokens. Rows with different cached lengths share a batch through the mask:
-  each row is `[pad][cached tokens][pad][new tokens]` (holes are masked out, positions still
-  come from the mask's cumsum). Entries are used once (the extended sequence replaces them),
-  evicted least-recently-used beyond the budget, and dropped on `update_weights` (KV computed
-  with old weights is stale). Cached KV equals recomputed KV up to float rounding.
+  (on by default; `prefix_cache_mb=0` turns it off). A multi-turn episode's next prompt is its
+  previous prompt + the generated ids + the observation; instead of prefilling all of it again,
+  the engine keeps each sequence's KV after a call and feeds a later prompt only the tokens past
+  its longest common prefix with a kept sequence (`PrefixCache.take`): a whole kept sequence
+  for the next turn of an episode (used up: the extended sequence replaces it), a part of one
+  for a new episode sharing the system prompt, or for StepAgent's step prefixes (prefix k + 1
+  of an expert trajectory extends prefix k; the kept entry is prefix k + the agent's sample).
+  Rows with different cached lengths share a batch through the mask: each row is
+  `[pad][cached tokens][pad][new tokens]` (holes are masked out, positions still come from the
+  mask's cumsum). Entries are evicted least-recently-used beyond the budget and dropped on
+  `update_weights` (KV computed with old weights is stale). Cached KV equals recomputed KV up
+  to float rounding.
   Budget: `prefix_cache_mb` if given; else (None) 1 GiB, grown by a rollout worker to hold all
-  its K episodes at full context (`reserve_prefix_cache(K, max_context)`), since a miss costs a
-  full prefill (on CPU ~10 s for 2k tokens of a 135M model) and a budget smaller than K live
-  episodes misses on every turn once contexts grow (LRU over K entries put together).
+  its K episodes at full context (`reserve_prefix_cache(K, max_context)`): with less than K
+  live episodes' KV, LRU over K entries put together misses on every turn once contexts grow.
 * Log-probs, per generated token, from `generate`'s per-step outputs:
   - `logprobs_mode="raw"` (default): log_softmax of `output_logits`, the model's own
     distribution at temperature 1 without top-p. This is what the trainer computes, so the two
@@ -38,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rl_agents.engines.base import Engine, Generation, SamplingParams, is_lora_adapter
@@ -47,40 +51,64 @@ DEFAULT_PREFIX_CACHE_MB = 1024  # floor of the automatic budget
 
 
 class PrefixCache:
-    """KV of recent sequences; `take(prompt)` returns the longest kept strict prefix of `prompt`."""
+    """KV of recent sequences. `take(prompt)` returns the KV of the longest common prefix of
+    `prompt` with any kept sequence (at most len(prompt) - 1 tokens: one must be fed).
+
+    A kept sequence that is a whole prefix of the prompt is used up (the extended sequence will
+    replace it: multi-turn episodes). One that matches only in part (another episode sharing the
+    system prompt; a step prefix of an expert trajectory whose kept entry went on with the agent's
+    own action instead of the expert's) lends a view of its first tokens and stays, marked as
+    recently used. KV at position i depends only on tokens <= i, so any prefix of a kept KV is
+    the KV of that prefix."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0
         self.entries: OrderedDict[int, tuple[list[int], torch.Tensor]] = OrderedDict()
+        self._arrays: dict[int, np.ndarray] = {}
         self._ids = itertools.count()
         self.hits = self.reused_tokens = 0
 
     def take(self, prompt: list[int]) -> tuple[int, torch.Tensor | None]:
-        best = None
-        for key, (ids, _) in self.entries.items():
-            if len(ids) < len(prompt) and (best is None or len(ids) > len(self.entries[best][0])) \
-                    and prompt[: len(ids)] == ids:
-                best = key
+        x = np.asarray(prompt, dtype=np.int64)
+        best, best_n = None, 0
+        for key, ids in self._arrays.items():
+            m = min(len(ids), len(x) - 1)
+            if m <= best_n:
+                continue
+            diff = np.flatnonzero(ids[:m] != x[:m])
+            n = int(diff[0]) if diff.size else m
+            if n > best_n:
+                best, best_n = key, n
         if best is None:
             return 0, None
-        ids, kv = self.entries.pop(best)
-        self.bytes -= kv.numel() * kv.element_size()
-        self.hits, self.reused_tokens = self.hits + 1, self.reused_tokens + len(ids)
-        return len(ids), kv
+        ids, kv = self.entries[best]
+        if best_n == len(ids):
+            self._drop(best)
+        else:
+            kv = kv[:, :, :, :best_n]
+            self.entries.move_to_end(best)
+        self.hits, self.reused_tokens = self.hits + 1, self.reused_tokens + best_n
+        return best_n, kv
 
     def put(self, ids: list[int], kv: torch.Tensor) -> None:
         """kv: (layers, 2, kv_heads, len(ids), head_dim)."""
         size = kv.numel() * kv.element_size()
         if size > self.max_bytes:
             return
-        self.entries[next(self._ids)] = (ids, kv)
+        key = next(self._ids)
+        self.entries[key], self._arrays[key] = (ids, kv), np.asarray(ids, dtype=np.int64)
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (_, old) = self.entries.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: int) -> None:
+        _, kv = self.entries.pop(key)
+        del self._arrays[key]
+        self.bytes -= kv.numel() * kv.element_size()
 
     def clear(self) -> None:
         self.entries.clear()
+        self._arrays.clear()
         self.bytes = 0
 
 

@@ -76,3 +76,58 @@ def test_gail_reward_is_log_d():
     torch.testing.assert_close(r[:3], torch.log(torch.sigmoid(logits[:3].detach())))
     assert not r.requires_grad
     assert r[1] > r[0] > r[2]  # more expert-like (higher D) → higher reward
+
+
+# ---- inspection scheduling ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_inspection_waves_reuse_each_prefix_and_keep_the_order():
+    """inspect_steps sends each expert's prefixes to one worker, one wave per step, in order: the
+    engine prefills prefix k + 1 past the cached prefix k (reused tokens >= samples x |prefix k|
+    per later step; one call of everything, as before, reuses none), and practices come back in
+    task, step, sample order. Fake workers wrap real HF engines so their caches can be read."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from algorithms.base import RolloutSection
+    from algorithms.data import step_prefixes
+    from algorithms.step_dpo import inspect_steps
+    from rl_agents.engines.hf import HFEngine
+    from rl_agents.experts import iter_expert_trajectories
+    from rl_agents.models import load_tokenizer, tiny_llama_dir
+    from rl_agents.ray_utils import init_ray
+    from rl_agents.tokenization import ChatSegmenter, tokenize_rollout_turns
+
+    model = tiny_llama_dir()
+    seg = ChatSegmenter(load_tokenizer(model))
+    experts = list(iter_expert_trajectories("rl_agents/TextShop-v0", "train", limit=3))
+    samples, steps = 2, 3
+
+    class Worker:
+        def __init__(self):
+            self.engine, self.calls = HFEngine(str(model)), []
+            self.generate = SimpleNamespace(remote=self._generate)
+
+        def _generate(self, prompts, params):
+            self.calls.append(len(prompts))
+            return ray.put(self.engine.generate(prompts, params))
+
+    workers = [Worker(), Worker()]
+    algo = SimpleNamespace(segmenter=lambda: seg, iteration=1, group=lambda: SimpleNamespace(workers=workers),
+                           experts=lambda: {t.task_id: t for t in experts},
+                           config=SimpleNamespace(seed=0, rollout=RolloutSection(temperature=1.0, max_new_tokens=6)))
+    started = init_ray(num_cpus=1, log_to_driver=False)
+    try:
+        practices = inspect_steps(algo, samples, steps)
+    finally:
+        if started:
+            ray.shutdown()
+    want = [(e.task_id, k) for e in experts for k, _ in enumerate(step_prefixes(e)[:steps]) for _ in range(samples)]
+    got = [(p.expert.task_id, p.prompt.step) for p in practices]
+    assert got == want and all(p.action_ids for p in practices)
+    assert workers[0].calls == [2 * samples] * steps and workers[1].calls == [samples] * steps  # tasks 0, 2 | 1
+    for w, mine in zip(workers, (experts[0::2], experts[1::2])):
+        lengths = [[len([i for ids in tokenize_rollout_turns(sp.prefix.turns, seg) for i in ids])
+                    for sp in step_prefixes(e)[:steps]] for e in mine]
+        floor = samples * sum(n for ls in lengths for n in ls[:-1])
+        assert floor <= w.engine.prefix_cache.reused_tokens <= floor + samples * len(mine) * (steps - 1) * 6

@@ -102,6 +102,46 @@ def test_prefix_cache_changes_nothing_but_the_work(policy_dir, prompts):
     assert pc.reused_tokens > sum(map(len, prompts))
 
 
+def test_prefix_cache_takes_the_longest_common_prefix():
+    """Whole kept sequence: used up. Partial match: a view of its first n positions, entry kept
+    (and moved to most recent). Never the whole prompt: one token must be fed."""
+    from rl_agents.engines.hf import PrefixCache
+
+    def kv(n, tag):  # (layers, 2, kv_heads, n, head_dim); value = tag * 100 + position
+        return (tag * 100 + torch.arange(n, dtype=torch.float32)).view(1, 1, 1, n, 1).expand(2, 2, 1, n, 3).clone()
+
+    pc = PrefixCache(10**9)
+    pc.put([1, 2, 3, 4, 5], kv(5, 1))
+    pc.put([1, 2, 7, 8], kv(4, 2))
+    n, got = pc.take([1, 2, 3, 9, 9])  # shares 3 with entry 1, 2 with entry 2
+    assert n == 3 and got[0, 0, 0, :, 0].tolist() == [100, 101, 102] and len(pc.entries) == 2
+    assert [ids for ids, _ in pc.entries.values()] == [[1, 2, 7, 8], [1, 2, 3, 4, 5]]  # entry 1 most recent
+    n, got = pc.take([1, 2, 3, 4, 5])  # the same sequence again: all but its last token
+    assert n == 4 and got.shape[3] == 4 and len(pc.entries) == 2
+    n, got = pc.take([1, 2, 3, 4, 5, 6])  # extends entry 1: used up
+    assert n == 5 and got[0, 0, 0, :, 0].tolist() == [100, 101, 102, 103, 104]
+    assert [ids for ids, _ in pc.entries.values()] == [[1, 2, 7, 8]]
+    assert pc.take([5, 1, 2]) == (0, None)
+    assert (pc.hits, pc.reused_tokens) == (3, 12)
+    assert pc.bytes == kv(4, 2).numel() * 4
+
+
+def test_prefix_cache_reuses_step_prefixes(policy_dir, prompts):
+    """StepAgent inspection: prefix k + 1 extends prefix k, whose kept entry went on with the
+    engine's own sample; two samples per prefix. Same ids and log-probs as without the cache,
+    and only the new tokens of each later prefix are prefilled."""
+    cached, plain = HFEngine(str(policy_dir)), HFEngine(str(policy_dir), prefix_cache_mb=0)
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+    base = prompts[1]
+    steps = [base, base + [9, 10, 11, 12], base + [9, 10, 11, 12, 13, 14, 15]]
+    for k, prefix in enumerate(steps):
+        before = cached.prefix_cache.reused_tokens
+        a, b = cached.generate([prefix, prefix], params), plain.generate([prefix, prefix], params)
+        assert [g.token_ids for g in a] == [g.token_ids for g in b]
+        assert max(abs(x - y) for ga, gb in zip(a, b) for x, y in zip(ga.logprobs, gb.logprobs)) < 1e-4
+        assert cached.prefix_cache.reused_tokens - before == (2 * len(steps[k - 1]) if k else 0)
+
+
 def test_prefix_cache_budget_holds_every_episode_of_a_worker(policy_dir, prompts):
     """Automatic budget: a rollout worker reserves K episodes x max_context tokens of KV (the real
     per-token size: a cached entry's bytes / its length); an explicit prefix_cache_mb is kept."""
