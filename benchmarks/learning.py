@@ -55,8 +55,10 @@ ENVS = {
     # ALFWorld's ids sort by task type, so the subsets use task_order="interleaved" (round robin over
     # the six types; env_settings). ETO's released config allows 40 turns; 20 here for the CPU
     # budget. Context as examples/sft_alfworld.yaml.
+    # micro_batch_size 1 (sequences of up to 3072 tokens): at SFT's 4 the trainer reached 15.3 GB
+    # and Ray's memory monitor killed it on the 24 GB box (2026-11-22).
     "alfworld": dict(env_id="rl_agents/ALFWorld-v0", train_tasks=64, explore_tasks=32, eval_tasks=10,
-                     max_turns=20, max_context=3072, envs_per_worker=16),
+                     max_turns=20, max_context=3072, envs_per_worker=16, micro_batch_size=1),
 }
 MAX_NEW_TOKENS = 64  # per agent turn (expert thought + action fit in ~45 tokens)
 EXPLORE_T = 0.7  # the shared exploration, as the demo (the papers do not report it)
@@ -168,7 +170,8 @@ def run_algorithm(hp: dict, env: dict, seed: int, run_dir: Path, model: str, thr
                         "max_context": env["max_context"], "explore_data": explore_data, **hp["rollout"]},
             # train.seed is set here: AlgorithmConfig.seed does not reach it (LoRA init, data order).
             "train": {"num_workers": 1, "threads_per_worker": threads, "seed": seed, "deepspeed": DEEPSPEED,
-                      "lora": LORA, "optim": dict(hp["optim"])}}
+                      "lora": LORA, "optim": {**hp["optim"], **({"micro_batch_size": env["micro_batch_size"]}
+                                                               if env.get("micro_batch_size") else {})}}}
     algo = from_dict(get_algorithm(hp["algo"]).config_class, spec).build()
     history = []
     try:
