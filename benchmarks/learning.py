@@ -14,6 +14,9 @@ Each policy is evaluated greedily on the first `--eval-tasks` tasks of test_seen
 reference row. Ray resources as the demo: 2 rollout actors × 0.5 CPU × 1 thread, 1 trainer worker
 with `--threads` threads, `ray.init(num_cpus=threads)`.
 
+`--report` runs nothing and writes the tables from the runs finished so far (e.g. while another
+invocation is still running, or to record a partial benchmark).
+
 Resumable: a finished run writes `<out>/<env>/seed<k>/<algo>/result.json` (atomically) and is
 skipped next time. A run that crashes records its error there, the others still run, and the
 next invocation retries it from scratch; a run whose SFT policy has changed since is redone.
@@ -206,6 +209,9 @@ def ensure(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, ar
     if old and not old.get("error") and (algo == "sft" or old.get("sft_run_id") == sft["run_id"]):
         print(f"  {algo}: done before, skipped", flush=True)
         return old
+    if args.report:
+        print(f"  {algo}: not run (--report)", flush=True)
+        return None
     if algo != "sft" and sft is None:
         print(f"  {algo}: skipped, no SFT policy", flush=True)
         return None
@@ -420,6 +426,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--threads", type=int, default=2, help="CPU cores: Ray CPUs and the trainer's torch threads")
     p.add_argument("--alfworld-data", default=os.environ.get("ALFWORLD_DATA") or REPO.parent / "shared" / "data" / "alfworld",
                    help="directory holding ALFWorld's json_2.1.1/ (default $ALFWORLD_DATA, else ../shared/data/alfworld)")
+    p.add_argument("--report", action="store_true", help="run nothing: write the tables and chart from the runs "
+                   "finished so far (the rest show as 'not run')")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, 4 tasks, 1 epoch, Best-of-2, "
                    "at most 4 turns: every code path in minutes (numbers meaningless)")
     args = p.parse_args(argv)
@@ -447,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
     from rl_agents.ray_utils import init_ray
 
-    init_ray(num_cpus=args.threads)
+    if not args.report:
+        init_ray(num_cpus=args.threads)
     sections, per_env = [], {}
     try:
         for name in args.envs:
