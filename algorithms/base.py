@@ -368,6 +368,8 @@ class Algorithm:
         cfg = dataclasses.replace(self.config.train, model=dataclasses.replace(self.config.train.model, path=self.policy),
                                   storage_path=str(self.run_dir / "train"), name=f"iter{self.iteration}-{objective}",
                                   seed=self.config.train.seed + self.config.seed)  # the run seed reaches the trainer
+        if self._group is not None:
+            self._group.release_cache()  # the rollout actors stay up beside the trainer: give it their cache
         result = train(objective, data, cfg, **kw)
         new_policy = result.checkpoint_path
         if cfg.lora.enabled:

@@ -150,6 +150,11 @@ class RolloutWorker:
         self.engine.update_weights(path)
         return str(path)
 
+    def release_cache(self) -> int:
+        """Free the engine's between-call memory (before training: the trainer needs the RAM); returns the pid."""
+        self.engine.release_cache()
+        return os.getpid()
+
     def close(self) -> None:
         for i, slot in enumerate(self.envs):
             if slot is not None:

@@ -186,6 +186,14 @@ class RolloutGroup:
         self.weights_path = str(path)
         ray.get([w.update_weights.remote(self.weights_path) for w in self.workers])
 
+    def release_cache(self) -> None:
+        """Every engine frees what it keeps between calls (the HF prefix cache: up to K episodes x
+        max_context of KV per worker). The algorithms call it before each training phase, while
+        the actors stay up beside the trainer."""
+        import ray
+
+        ray.get([w.release_cache.remote() for w in self.workers])
+
     def check_weight_sync(self, model, prompts: Sequence[Sequence[int]] | None = None,
                           max_new_tokens: int = 8) -> float:
         """Max |engine - trainer| log-prob over every worker's greedy generations on a few prompts.

@@ -238,6 +238,11 @@ class HFEngine(Engine):
             self.model = self._load(path)
         self.weights_path = str(path)
 
+    def release_cache(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        gc.collect()
+
     def close(self) -> None:
         self.model = None
         if self.prefix_cache is not None:

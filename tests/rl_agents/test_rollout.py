@@ -204,6 +204,18 @@ def test_context_guard_ends_episodes_cleanly(hf_engine, segmenter):
     assert "error" not in short.metadata and "error" not in long_.metadata
 
 
+def test_release_cache_frees_the_kept_kv_and_changes_nothing(hf_engine):
+    """Before training the workers drop their prefix cache (the trainer needs the RAM): the next
+    rollout starts cold and produces the same trajectories."""
+    w = _worker(hf_engine, num_envs=2, max_new_tokens=6)
+    tasks = make_tasks(["train-1", "train-3"])
+    first = w.rollout(tasks)
+    assert hf_engine.prefix_cache.entries and hf_engine.prefix_cache.bytes > 0
+    w.release_cache()
+    assert not hf_engine.prefix_cache.entries and hf_engine.prefix_cache.bytes == 0
+    assert _ids(w.rollout(tasks)) == _ids(first)
+
+
 # ---- Ray: groups, dead workers, weight updates -------------------------------------------------
 @pytest.mark.slow
 def test_group_survives_dead_workers(ray_session, policy_dir, tmp_path, hf_engine):
@@ -303,6 +315,7 @@ def test_group_weight_update_reaches_every_worker(ray_session, policy_dir, tmp_p
         # 4 tasks are fewer than one default chunk (2 x num_envs): still split across both workers
         assert sorted(t.metadata["worker"] for t in group.run(make_tasks([f"train-{i}" for i in range(4)]))) == [0, 0, 1, 1]
         before = group.check_weight_sync(trainer)
+        group.release_cache()  # what algorithms do before training; the workers go on
         group.update_weights(str(tmp_path / "ckpt"))
         after = group.check_weight_sync(trainer)
         group._restart(1)
