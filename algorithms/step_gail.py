@@ -15,7 +15,9 @@ Discriminator architecture (the paper specifies none; its Fig. 2 marks some part
 
     φ(s, a) = mean over the action's tokens of the final-layer hidden states (after the final norm)
               of a FROZEN copy of the run's starting policy's backbone, computed once per step and
-              iteration without grad, in the driver process, `feature_batch_size` sequences at a time;
+              iteration without grad, in the driver process: one forward per expert prefix, whose KV
+              cache then serves that step's expert action and agent samples, `feature_batch_size`
+              actions at a time;
     head    = LayerNorm(H) → Linear(H, disc_hidden) → ReLU → Linear(disc_hidden, 1)   (logit of D).
 
 The action's hidden states attend to the whole prefix, so φ depends on s and a. The LayerNorm puts
@@ -68,21 +70,58 @@ def action_features(backbone: nn.Module, tokens: TokenBatch) -> torch.Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
 
 
+@torch.no_grad()
 def sequence_features(backbone: nn.Module, seqs: list[EncodedSequence], *, batch_size: int,
                       pad_id: int = 0) -> torch.Tensor:
-    """φ of every sequence, (N, H) float32 on CPU, in `seqs` order; length-sorted batches of at most
-    `batch_size` (right padding does not change a row's values)."""
-    from rl_agents.collate import collate_sequences
+    """φ of every sequence, (N, H) float32 on CPU, in `seqs` order.
+
+    Sequences with the same tokens before their action (a step's expert action and the agent's
+    samples at that prefix) share ONE forward of the prefix: its KV cache then serves every
+    member's action tokens, `batch_size` actions at a time (right-padded: a padded row's action
+    positions see exactly what they would alone). Same hidden states as running each whole
+    sequence, up to float rounding (tested), for (1 + samples) x fewer prefix tokens.
+    """
+    from transformers import DynamicCache
 
     device = next(backbone.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+    decoder = backbone.base_model
+    groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # prefix ids -> [(sequence, action start)]
+    for i, s in enumerate(seqs):
+        start = s.action_mask.index(1) if 1 in s.action_mask else len(s)
+        groups.setdefault(tuple(s.input_ids[:start]), []).append((i, start))
     out: list[torch.Tensor | None] = [None] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        feats = action_features(backbone, collate_sequences([seqs[i] for i in idx], pad_id).to(device)).cpu()
-        for k, i in enumerate(idx):
-            out[i] = feats[k]
-    return torch.stack(out)
+    hidden_size = backbone.config.hidden_size
+    for prefix, members in groups.items():
+        kv = None
+        if prefix:
+            past = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+            kv = [(layer.keys, layer.values) for layer in past.layers]  # each (1, kv_heads, P, head_dim)
+        for c in range(0, len(members), batch_size):
+            chunk = members[c:c + batch_size]
+            rows = [(seqs[i].input_ids[start:], seqs[i].action_mask[start:]) for i, start in chunk]
+            width = max(len(ids) for ids, _ in rows)
+            if width == 0:  # nothing after the prefix: no action tokens
+                for i, _ in chunk:
+                    out[i] = torch.zeros(hidden_size)
+                continue
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            valid = torch.zeros((len(rows), width), dtype=torch.long)
+            action = torch.zeros((len(rows), width))
+            for r, (row_ids, row_mask) in enumerate(rows):
+                ids[r, :len(row_ids)], valid[r, :len(row_ids)] = torch.tensor(row_ids), 1
+                action[r, :len(row_mask)] = torch.tensor(row_mask, dtype=torch.float32)
+            mask = torch.cat([torch.ones((len(rows), len(prefix)), dtype=torch.long), valid], dim=1)
+            cache = None
+            if kv is not None:
+                cache = DynamicCache(ddp_cache_data=[(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
+                                                     for k, v in kv], config=backbone.config)
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                             use_cache=cache is not None).last_hidden_state.float().cpu()  # (B, width, H)
+            weights = action[..., None]
+            feats = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            for r, (i, _) in enumerate(chunk):
+                out[i] = feats[r]
+    return torch.stack(out) if out else torch.zeros((0, hidden_size))
 
 
 class DiscriminatorHead(nn.Module):
@@ -187,7 +226,7 @@ class StepGAILConfig(AlgorithmConfig):
     disc_batch_size: int = 64
     """Steps (expert + agent) per head update."""
     feature_batch_size: int = 8
-    """Sequences per no-grad backbone forward when computing φ in the driver (bounds its memory)."""
+    """Actions per no-grad backbone forward on a cached prefix when computing φ in the driver (bounds its memory)."""
     feature_device: str = "cpu"
     """Device of the frozen backbone in the driver ('cpu': float32; 'cuda[:k]': bfloat16)."""
     train: TrainConfig = field(default_factory=_reflection_train)
@@ -290,8 +329,9 @@ class StepGAIL(Algorithm):
 
         backbone = self.backbone()
         pad_id = backbone.config.pad_token_id or 0
-        fe = sequence_features(backbone, expert_seqs, batch_size=cfg.feature_batch_size, pad_id=pad_id)
-        fa = sequence_features(backbone, agent_seqs, batch_size=cfg.feature_batch_size, pad_id=pad_id)
+        # One call: a prefix's expert step and its agent samples share the prefix forward.
+        feats = sequence_features(backbone, expert_seqs + agent_seqs, batch_size=cfg.feature_batch_size, pad_id=pad_id)
+        fe, fa = feats[:len(expert_seqs)], feats[len(expert_seqs):]
         before = discriminator_metrics(head, fe, fa)  # last iteration's D on this iteration's samples
         train_discriminator(head, fe, fa, epochs=cfg.disc_epochs, lr=cfg.disc_lr, batch_size=cfg.disc_batch_size,
                             seed=cfg.seed * 1000 + self.iteration)

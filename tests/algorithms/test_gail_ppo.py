@@ -251,6 +251,35 @@ def test_features_average_exactly_the_action_tokens(tiny_model, segmenter):
     assert (sequence_features(tiny_model, [other], batch_size=1)[0] - feats[1]).abs().max() > 1e-3
 
 
+def test_features_share_each_prefix_forward(tiny_model, segmenter):
+    """A step's expert action and the agent's samples share one forward of their prefix: the
+    backbone sees the prefix once per group (counted at its input), and every sequence's φ equals
+    running it alone, with batches of 2 actions on one cached prefix (right padding)."""
+    from rl_agents.tokenization import encode_step
+
+    traj = _trajectory("1", "red mug", ["Thought: look.\nAction: search[red mug]", "Thought: ok.\nAction: click[buy]"])
+    group = [encode_step(traj, 1, a, segmenter) for a in
+             ("Thought: ok.\nAction: click[buy]", "Action: search[blue]", "Thought: hmm, " + "no " * 12 + "\nAction: back")]
+    lone = encode_step(traj, 0, "Action: wait", segmenter)
+    seqs = [group[0], lone, group[1], group[2]]
+    fed = []
+    handle = tiny_model.model.register_forward_pre_hook(lambda mod, args, kw: fed.append(kw["input_ids"].numel()),
+                                                        with_kwargs=True)
+    try:
+        feats = sequence_features(tiny_model, seqs, batch_size=2)
+    finally:
+        handle.remove()
+    for k, seq in enumerate(seqs):
+        alone = action_features(tiny_model, collate_sequences([seq], 0))[0]
+        torch.testing.assert_close(feats[k], alone, rtol=0, atol=1e-5)
+    prefix = group[0].action_mask.index(1)
+    widths = [len(s) - prefix for s in group]
+    # group: the prefix once, then 2 + 1 actions padded to their chunk's widest; lone: its prefix, its action
+    lone_prefix = lone.action_mask.index(1)
+    assert sorted(fed) == sorted([prefix, 2 * max(widths[:2]), widths[2], lone_prefix, len(lone) - lone_prefix])
+    assert sum(fed) < sum(len(s) for s in seqs) - prefix  # the prefix ran once, not three times
+
+
 def _action_sets(segmenter, n_prefixes: int, seed: int):
     """Expert steps click[...] on a shop page vs agent steps that think aloud and search, same prefixes."""
     from rl_agents.tokenization import encode_step
