@@ -22,13 +22,6 @@
    automatic one (K x max_context of KV). Reports prompt tokens that had to be prefilled (exact,
    noise-free), cache hits, wall and CPU time, and whether both produced identical trajectories.
        python benchmarks/rollout_throughput.py --part prefix_cache --threads 1
-4. StepAgent inspection schedule (`--part inspection`, not in `all`): the step prefixes of the
-   first `--inspect-tasks` TextShop expert trajectories x `--inspect-samples`, generated greedily
-   by one HF engine (a fresh one per schedule) as one call of everything (the schedule before
-   waves) and through `algorithms.step_dpo.inspect_steps` (waves by step: prefix k + 1 prefilled
-   past prefix k). Reports prompt and prefilled tokens (exact), wall and CPU time, and whether
-   both produced the same actions.
-       python benchmarks/rollout_throughput.py --part inspection --threads 1
 
 On a shared machine wall time depends on the neighbours: part 1 also reports CPU time (with
 `--threads 1` a fair measure of the work done) and every run records the load average.
@@ -199,80 +192,6 @@ def bench_prefix_cache(args) -> dict:
     return out
 
 
-def bench_inspection(args) -> dict:
-    from types import SimpleNamespace
-
-    import ray
-    import torch
-
-    from algorithms.base import RolloutSection
-    from algorithms.data import step_prefixes
-    from algorithms.step_dpo import inspect_steps
-    from rl_agents.engines.hf import HFEngine
-    from rl_agents.experts import iter_expert_trajectories
-    from rl_agents.models import resolve_model
-    from rl_agents.ray_utils import init_ray
-    from rl_agents.tokenization import ChatSegmenter, tokenize_rollout_turns
-
-    torch.set_num_threads(args.threads)
-    model = resolve_model(args.model)
-    experts = list(iter_expert_trajectories(args.env, "train", limit=args.inspect_tasks))
-    n = args.inspect_samples
-    print(f"[inspection] {len(experts)} {args.env} experts x all steps x {n} samples, {args.model} float32, "
-          f"{args.threads} threads, greedy, <= {args.max_new_tokens} new tokens", flush=True)
-    sampling = dict(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    out, actions = {}, {}
-
-    def measure(name, engine, run):
-        prompt_tokens = [0]
-        generate = engine.generate
-
-        def counting(prompts, params):
-            prompt_tokens[0] += sum(len(p) for p in prompts)
-            return generate(prompts, params)
-
-        engine.generate = counting
-        t0, c0 = time.perf_counter(), time.process_time()
-        actions[name] = run()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        reused = engine.prefix_cache.reused_tokens
-        out[name] = {"prompts": len(actions[name]), "prompt_tokens": prompt_tokens[0],
-                     "prefilled_tokens": prompt_tokens[0] - reused, "wall_s": wall, "cpu_s": cpu}
-        print(f"  {name}: {len(actions[name])} prompts, prefilled {prompt_tokens[0] - reused} of {prompt_tokens[0]} "
-              f"prompt tokens, {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
-
-    one = HFEngine(model, prefix_cache_mb=None)
-    seg = ChatSegmenter(one.tokenizer)
-    prompts = [[i for ids in tokenize_rollout_turns(sp.prefix.turns, seg) for i in ids]
-               for e in experts for sp in step_prefixes(e) for _ in range(n)]
-    params = SamplingParams(stop_token_ids=tuple(seg.stop_token_ids), **sampling)
-    measure("one_call", one, lambda: [g.token_ids for g in one.generate(prompts, params)])
-    del one
-
-    waves = HFEngine(model, prefix_cache_mb=None)
-    waves.reserve_prefix_cache(len(experts) * n, 2048)
-
-    def remote(prompts, params):
-        return ray.put(waves.generate(prompts, params))
-
-    worker = SimpleNamespace(generate=SimpleNamespace(remote=remote))
-    algo = SimpleNamespace(segmenter=lambda: seg, iteration=0, group=lambda: SimpleNamespace(workers=[worker]),
-                           experts=lambda: {t.task_id: t for t in experts},
-                           config=SimpleNamespace(seed=0, rollout=RolloutSection(**sampling)))
-    started = init_ray(num_cpus=1, log_to_driver=False)
-    try:
-        measure("waves", waves, lambda: [p.action_ids for p in inspect_steps(algo, n, None)])
-    finally:
-        if started:
-            ray.shutdown()
-    same = sum(a == b for a, b in zip(actions["one_call"], actions["waves"]))
-    o, w = out["one_call"], out["waves"]
-    out.update(env=args.env, tasks=len(experts), samples=n, identical_actions=f"{same}/{len(actions['waves'])}",
-               prefill_ratio=o["prefilled_tokens"] / max(1, w["prefilled_tokens"]),
-               wall_speedup=o["wall_s"] / w["wall_s"], cpu_speedup=o["cpu_s"] / w["cpu_s"])
-    return out
-
-
 def bench_workers(args) -> dict:
     import ray
 
@@ -351,7 +270,7 @@ def sciworld_policy(prompt: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["all", "batching", "workers", "prefix_cache", "inspection"], default="all")
+    p.add_argument("--part", choices=["all", "batching", "workers", "prefix_cache"], default="all")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2, help="torch threads of the in-process worker (part 1)")
@@ -365,8 +284,6 @@ def main() -> None:
     p.add_argument("--cache-episodes", type=int, default=16)
     p.add_argument("--cache-turns", type=int, default=20)
     p.add_argument("--cache-context", type=int, default=3072)
-    p.add_argument("--inspect-tasks", type=int, default=24)
-    p.add_argument("--inspect-samples", type=int, default=2)
     p.add_argument("--env-bound", default="rl_agents/ScienceWorld-v0")
     p.add_argument("--env-bound-episodes", type=int, default=96)
     p.add_argument("--env-bound-turns", type=int, default=10)
@@ -398,10 +315,6 @@ def main() -> None:
         result["prefix_cache"] = c = bench_prefix_cache(args)
         print(f"  -> automatic budget prefills {c['prefill_ratio']:.2f}x fewer tokens; wall {c['wall_speedup']:.2f}x, "
               f"CPU {c['cpu_speedup']:.2f}x faster; identical trajectories: {c['identical_trajectories']}", flush=True)
-    if args.part == "inspection":
-        result["inspection"] = c = bench_inspection(args)
-        print(f"  -> waves prefill {c['prefill_ratio']:.2f}x fewer tokens; wall {c['wall_speedup']:.2f}x, "
-              f"CPU {c['cpu_speedup']:.2f}x faster; identical actions: {c['identical_actions']}", flush=True)
     result["load_avg_end"] = os.getloadavg()
     print(json.dumps(result))
 
