@@ -164,21 +164,13 @@ def bench_prefix_cache(args) -> dict:
         engine = HFEngine(resolve_model(args.model), dtype="float32", prefix_cache_mb=mb)
         worker = RolloutWorker(engine, cfg)
         tasks = make_tasks(worker.list_tasks("train")[: args.cache_episodes])
-        prompt_tokens = [0]
-        generate = engine.generate
-
-        def counting(prompts, params, _g=generate):
-            prompt_tokens[0] += sum(len(p) for p in prompts)
-            return _g(prompts, params)
-
-        engine.generate = counting
         trajs[name], wall, cpu, tok, stats, _ = _timed_rollout(worker, tasks)
         pc = engine.prefix_cache
-        out[name] = {"budget_mib": pc.max_bytes / 2**20, "prompt_tokens": prompt_tokens[0],
-                     "prefilled_tokens": prompt_tokens[0] - pc.reused_tokens, "hits": pc.hits,
+        out[name] = {"budget_mib": pc.max_bytes / 2**20, "prompt_tokens": engine.prompt_tokens,
+                     "prefilled_tokens": engine.prompt_tokens - pc.reused_tokens, "hits": pc.hits,
                      "engine_calls": stats["engine_calls"], "wall_s": wall, "cpu_s": cpu, "generated_tokens": tok}
         print(f"  {name}: budget {out[name]['budget_mib']:.0f} MiB, prefilled {out[name]['prefilled_tokens']} of "
-              f"{prompt_tokens[0]} prompt tokens, {pc.hits} hits / {stats['engine_calls']} calls, "
+              f"{engine.prompt_tokens} prompt tokens, {pc.hits} hits / {stats['engine_calls']} calls, "
               f"{wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
         worker.close()
     ids = {name: {t.task_id: [x.token_ids for x in t.turns] for t in ts} for name, ts in trajs.items()}

@@ -53,30 +53,19 @@ def bench_inspection(args, experts, model) -> dict:
     n, out, actions = args.samples, {}, {}
     sampling = dict(temperature=0.0, max_new_tokens=args.max_new_tokens)
 
-    def counted(engine):
-        fed, generate = [0], engine.generate
-
-        def counting(prompts, params):
-            fed[0] += sum(len(p) for p in prompts)
-            return generate(prompts, params)
-
-        engine.generate = counting
-        return fed
-
     one = HFEngine(model, prefix_cache_mb=None)
     seg = ChatSegmenter(one.tokenizer)
     prompts = [[i for ids in tokenize_rollout_turns(sp.prefix.turns, seg) for i in ids]
                for e in experts for sp in step_prefixes(e) for _ in range(n)]
     params = SamplingParams(stop_token_ids=tuple(seg.stop_token_ids), **sampling)
-    fed = counted(one)
     actions["one_call"], wall, cpu = _timed(lambda: [g.token_ids for g in one.generate(prompts, params)])
-    out["one_call"] = {"prompt_tokens": fed[0], "prefilled_tokens": fed[0] - one.prefix_cache.reused_tokens,
+    out["one_call"] = {"prompt_tokens": one.prompt_tokens,
+                       "prefilled_tokens": one.prompt_tokens - one.prefix_cache.reused_tokens,
                        "wall_s": wall, "cpu_s": cpu}
     del one
 
     waves = HFEngine(model, prefix_cache_mb=None)
     waves.reserve_prefix_cache(len(experts) * n, 2048)
-    fed = counted(waves)
     worker = SimpleNamespace(generate=SimpleNamespace(remote=lambda p, s: ray.put(waves.generate(p, s))))
     algo = SimpleNamespace(segmenter=lambda: seg, iteration=0, group=lambda: SimpleNamespace(workers=[worker]),
                            experts=lambda: {t.task_id: t for t in experts},
@@ -87,7 +76,8 @@ def bench_inspection(args, experts, model) -> dict:
     finally:
         if started:
             ray.shutdown()
-    out["waves"] = {"prompt_tokens": fed[0], "prefilled_tokens": fed[0] - waves.prefix_cache.reused_tokens,
+    out["waves"] = {"prompt_tokens": waves.prompt_tokens,
+                    "prefilled_tokens": waves.prompt_tokens - waves.prefix_cache.reused_tokens,
                     "wall_s": wall, "cpu_s": cpu}
     same = sum(a == b for a, b in zip(actions["one_call"], actions["waves"]))
     o, w = out["one_call"], out["waves"]

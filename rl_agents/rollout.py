@@ -128,9 +128,7 @@ class RolloutWorker:
 
         self.config, self.worker_index = config, worker_index
         self.engine = make_engine(engine) if isinstance(engine, EngineSpec) else engine
-        reserve = getattr(self.engine, "reserve_prefix_cache", None)
-        if reserve is not None:  # keep all K episodes' KV between turns (HF engine, automatic budget)
-            reserve(config.num_envs, config.max_context)
+        self.engine.reserve_prefix_cache(config.num_envs, config.max_context)  # all K episodes' KV between turns
         self.segmenter = ChatSegmenter(self.engine.tokenizer)
         self.envs: list[tuple[str, gym.Env] | None] = [None] * config.num_envs
         self.env_restarts = 0

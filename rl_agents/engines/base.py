@@ -105,6 +105,9 @@ class Engine(abc.ABC):
         """Load new weights: an HF checkpoint dir (full weights) or a peft LoRA adapter dir."""
         raise NotImplementedError(f"{type(self).__name__} has no weights to update")
 
+    def reserve_prefix_cache(self, sequences: int, tokens: int) -> None:
+        """Room to keep `sequences` contexts of `tokens` between calls (a rollout worker's K episodes)."""
+
     def release_cache(self) -> None:
         """Free memory kept between calls (the HF engine's prefix cache); the engine stays usable."""
 

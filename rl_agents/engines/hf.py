@@ -136,6 +136,7 @@ class HFEngine(Engine):
         self.auto_prefix_cache = prefix_cache_mb is None
         mb = DEFAULT_PREFIX_CACHE_MB if prefix_cache_mb is None else prefix_cache_mb
         self.prefix_cache = PrefixCache(mb * 2**20) if mb > 0 else None
+        self.prompt_tokens = 0
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of cached K and V per token: layers x 2 x kv_heads x head_dim x dtype size."""
@@ -159,6 +160,7 @@ class HFEngine(Engine):
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        self.prompt_tokens += sum(len(p) for p in prompts)  # prefilled = this - prefix_cache.reused_tokens
         out: list[Generation] = []
         for i in range(0, len(prompts), self.max_batch_size):
             out += self._generate_batch([list(p) for p in prompts[i : i + self.max_batch_size]], params)
