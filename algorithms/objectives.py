@@ -91,24 +91,67 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# Shared-prefix packing (`rl_agents.packing`) in every forward of the objectives; the training loop
+# sets it from `TrainConfig.share_prefixes`. `FORWARD_TOKENS[0]` counts the token positions the
+# model computed (padded rows, or packed rows), for the loop's perf metrics.
+PREFIX_SHARING = {"enabled": True}
+FORWARD_TOKENS = [0]
+
+
+def set_prefix_sharing(enabled: bool) -> None:
+    PREFIX_SHARING["enabled"] = bool(enabled)
+
+
+def _packing_mask(model: torch.nn.Module, pack) -> torch.Tensor | None:
+    """The packed batch's 4D mask in the form the model's attention implementation takes, or None
+    when that implementation cannot take an arbitrary mask."""
+    impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+    if impl == "sdpa":
+        return pack.attention_mask
+    if impl == "eager":
+        dtype = next(unwrap(model).parameters()).dtype
+        return torch.zeros(pack.attention_mask.shape, dtype=dtype, device=pack.attention_mask.device).masked_fill(
+            ~pack.attention_mask, torch.finfo(dtype).min)
+    return None
+
+
 def agent_logits(model: torch.nn.Module, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (logits (N, V), target_mask (B, L) bool): the logits that predict the N agent tokens, in
     row-major order of `target_mask` (1 on agent tokens, never at position 0).
 
     The LM head sees only the N hidden states that predict an agent token: (B, L, H) -> (N, H),
-    so logits are (N, V) instead of (B, L, V).
+    so logits are (N, V) instead of (B, L, V). Rows that share long prefixes (step pairs, several
+    samples per prefix) run packed, each shared prefix once (`rl_agents.packing`), unless
+    `set_prefix_sharing(False)`; the values are the same.
     """
     target_mask = tokens.action_mask.clone()
     target_mask[:, 0] = False  # nothing predicts position 0
-    predict_mask = torch.zeros_like(target_mask)  # (B, L): position j predicts token j+1
-    predict_mask[:, :-1] = target_mask[:, 1:]
+    pack = mask = None
+    if PREFIX_SHARING["enabled"]:
+        from rl_agents.packing import pack_shared_prefixes
 
-    def select(module, args):
-        return (args[0][predict_mask], *args[1:])  # hidden (B, L, H) -> (N, H)
+        pack = pack_shared_prefixes(tokens.input_ids, tokens.attention_mask)
+        mask = None if pack is None else _packing_mask(model, pack)
+    if mask is None:
+        predict_mask = torch.zeros_like(target_mask)  # (B, L): position j predicts token j+1
+        predict_mask[:, :-1] = target_mask[:, 1:]
+
+        def select(module, args):
+            return (args[0][predict_mask], *args[1:])  # hidden (B, L, H) -> (N, H)
+        inputs = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+        FORWARD_TOKENS[0] += tokens.input_ids.numel()
+    else:
+        predictors = pack.index[:, :-1][target_mask[:, 1:]]  # (N,) flat packed index of each predicting position
+
+        def select(module, args):
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1])[predictors], *args[1:])  # (R, P, H) -> (N, H)
+        inputs = {"input_ids": pack.input_ids, "attention_mask": mask, "position_ids": pack.position_ids}
+        FORWARD_TOKENS[0] += pack.num_tokens
 
     handle = unwrap(model).get_output_embeddings().register_forward_pre_hook(select)
     try:
-        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
+        out = model(**inputs, use_cache=False)
     finally:
         handle.remove()
     return out.logits, target_mask

@@ -2,6 +2,7 @@
 
     python benchmarks/stepagent_prefixes.py --threads 1          # SmolLM2-135M, 24 TextShop experts, 2 samples
     python benchmarks/stepagent_prefixes.py --model tiny-llama --tasks 3   # seconds: every code path
+    python benchmarks/stepagent_prefixes.py --part training --tasks 12 --threads 2
 
 StepAgent cuts each expert trajectory before every action (prefix k + 1 = prefix k + the expert's
 action and the next observation) and samples `--samples` agent actions per prefix; both variants
@@ -14,6 +15,12 @@ then work on (prefix, action) sequences.
    every prefix as whole sequences in length-sorted batches (`action_features`, the old way) and
    through `algorithms.step_gail.sequence_features` (one forward per prefix, its KV reused for
    every action of that prefix).
+
+3. training (Step-DPO pairs and StepAgent-inverse PPO samples, forward + backward of one epoch's
+   micro-batches, LoRA, bf16): padded rows in length-sorted micro-batches (before) vs
+   `train.share_prefixes` (`rl_agents.packing`: each micro-batch's shared prefixes run once, step
+   data batched by trajectory so that rows sharing a prefix share micro-batches). Both train on
+   every example once (whole batches), so the epoch's mean loss must agree.
 
 Reports tokens fed to the model (exact, noise-free), wall and CPU time, and that both schedules
 agree (same actions; features equal to 1e-4). The last line is one JSON object with every number.
@@ -134,9 +141,84 @@ def bench_features(args, experts, model) -> dict:
     return out
 
 
+def _step_examples(args, experts, seg):
+    """Per prefix: the expert's action and `samples` other actions of the same trajectory (a
+    deterministic stand-in for the agent's samples; no generation)."""
+    from algorithms.data import step_prefixes
+    from rl_agents.tokenization import encode_step
+
+    out = []
+    for e in experts:
+        steps = step_prefixes(e)
+        for sp in steps:
+            others = [steps[(sp.step + 1 + j) % len(steps)].expert_turn.text for j in range(args.samples)]
+            out.append((encode_step(e, sp.step, sp.expert_turn.text, seg), [encode_step(e, sp.step, o, seg) for o in others]))
+    return out
+
+
+def bench_training(args, experts, model) -> dict:
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+
+    from algorithms.objectives import FORWARD_TOKENS, get_objective, set_prefix_sharing
+    from rl_agents.batches import PPOExample
+    from rl_agents.collate import collate_pairs, collate_ppo
+    from rl_agents.models import load_model, load_tokenizer
+    from rl_agents.tokenization import ChatSegmenter
+    from rl_agents.train import LossConfig, OptimConfig, TrainConfig
+    from rl_agents.train.loop import batch_keys, epoch_plan, example_length
+
+    seg = ChatSegmenter(load_tokenizer(model))
+    steps = _step_examples(args, experts, seg)
+    rng = random.Random(0)
+    data = {"step_dpo": [(c, r) for c, rs in steps for r in rs],
+            "ppo": [PPOExample(r, advantage=rng.uniform(-1, 1), reward=0.0, old_logps=[-1.0 * m for m in r.action_mask])
+                    for _, rs in steps for r in rs]}
+    policy = get_peft_model(load_model(model, dtype=torch.bfloat16), LoraConfig(
+        r=32, lora_alpha=64, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM")).train()
+    out = {}
+    for name, examples in data.items():
+        examples = examples[:len(examples) // 16 * 16]  # whole batches: both plans train on every example
+        objective, loss_cfg = get_objective(name), LossConfig(beta=0.5)
+        lengths = [example_length(e) for e in examples]
+
+        def epoch(share: bool):
+            cfg = TrainConfig(optim=OptimConfig(batch_size=16, micro_batch_size=args.micro_batch_size),
+                              num_workers=1, share_prefixes=share)
+            plan = epoch_plan(lengths, cfg, 0, batch_keys(examples, cfg))
+            set_prefix_sharing(share)
+            total, units_all, before = 0.0, 0, FORWARD_TOKENS[0]
+            for step in tqdm(plan, desc=f"{name} {'shared' if share else 'padded'}", dynamic_ncols=True):
+                for micro in step:
+                    ex = [examples[i] for i in micro]
+                    batch = (collate_ppo(ex, 0) if name == "ppo" else
+                             collate_pairs([c for c, _ in ex], [r for _, r in ex], 0))
+                    loss, _ = objective.fn(policy, batch, loss_cfg)
+                    loss.backward()
+                    units = sum(objective.units(e) for e in ex)
+                    total, units_all = total + loss.item() * units, units_all + units
+                policy.zero_grad(set_to_none=True)
+            return total / units_all, FORWARD_TOKENS[0] - before
+
+        res = {}
+        for label, share in (("padded", False), ("shared_prefixes", True)):
+            (loss, tokens), wall, cpu = _timed(lambda share=share: epoch(share))
+            res[label] = {"epoch_loss": loss, "forward_tokens": tokens, "wall_s": wall, "cpu_s": cpu}
+        set_prefix_sharing(True)
+        p, s = res["padded"], res["shared_prefixes"]
+        out[name] = {**res, "examples": len(examples), "loss_diff": abs(p["epoch_loss"] - s["epoch_loss"]),
+                     "token_ratio": p["forward_tokens"] / s["forward_tokens"], "wall_speedup": p["wall_s"] / s["wall_s"],
+                     "cpu_speedup": p["cpu_s"] / s["cpu_s"]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["all", "inspection", "features"], default="all")
+    p.add_argument("--part", choices=["all", "inspection", "features", "training"], default="all")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--env", default="rl_agents/TextShop-v0")
     p.add_argument("--tasks", type=int, default=24, help="expert trajectories (first N train tasks)")
@@ -144,6 +226,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="sequences (whole) / actions (shared) per forward")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--micro-batch-size", type=int, default=2, help="training part: examples per micro-batch "
+                   "(the learning benchmark's 2), global batch 16")
     args = p.parse_args()
     import torch
 
@@ -173,6 +257,14 @@ def main() -> None:
               f"{f['shared_prefixes']['tokens_fed']} tokens {f['shared_prefixes']['wall_s']:.1f} s "
               f"{f['shared_prefixes']['cpu_s']:.1f} s -> {f['token_ratio']:.2f}x fewer tokens, "
               f"{f['wall_speedup']:.2f}x wall, {f['cpu_speedup']:.2f}x CPU; max |diff| {f['max_abs_diff']:.1e}", flush=True)
+    if args.part in ("all", "training"):
+        result["training"] = t = bench_training(args, experts, model)
+        for name, r in t.items():
+            print(f"[training {name}] {r['examples']} examples, one epoch fwd+bwd: padded {r['padded']['forward_tokens']} "
+                  f"tokens {r['padded']['wall_s']:.1f} s wall {r['padded']['cpu_s']:.1f} s CPU; shared prefixes "
+                  f"{r['shared_prefixes']['forward_tokens']} tokens {r['shared_prefixes']['wall_s']:.1f} s "
+                  f"{r['shared_prefixes']['cpu_s']:.1f} s -> {r['token_ratio']:.2f}x fewer tokens, {r['wall_speedup']:.2f}x "
+                  f"wall, {r['cpu_speedup']:.2f}x CPU; epoch loss |diff| {r['loss_diff']:.1e}", flush=True)
     result["load_avg_end"] = os.getloadavg()
     print(json.dumps(result))
 

@@ -269,6 +269,11 @@ def _holding_after(action: str, held: str | None) -> str | None:
     return held
 
 
+# ALFWorld's six task types (its base_config.yaml numbers them 1-6 in this order).
+TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
+              "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
+
+
 def task_type(task_id: str) -> str:
     """Of an id 'train/pick_heat_then_place_in_recep-Egg-None-Fridge-13/trial_...': the part of the
     task directory before its first '-'."""
@@ -297,6 +302,8 @@ class ALFWorldEnv(TextEnv):
         task_order: "sorted" (default: ids sort by task type, so the first N tasks of a split are
             all one type) or "interleaved" (round robin over the six task types, each type in
             sorted order: the first N tasks are a type-balanced subset, for small-scale runs).
+        task_types: keep only these task types (ALFWorld's `env.task_types`, by name: any of
+            `TASK_TYPES`); None = all six.
     """
 
     default_max_turns = 40  # ETO's released config (eval_agent/configs/task/alfworld.json)
@@ -310,9 +317,16 @@ class ALFWorldEnv(TextEnv):
 
     def __init__(self, split: str = "train", max_turns: int | None = None, render_mode: str | None = None, *,
                  data_dir: str | os.PathLike | None = None, valid_actions: bool = False,
-                 task_order: str = "sorted"):
+                 task_order: str = "sorted", task_types: list[str] | tuple[str, ...] | None = None):
         if task_order not in ("sorted", "interleaved"):
             raise ValueError(f"task_order={task_order!r} is not one of ['sorted', 'interleaved']")
+        if task_types is not None:
+            if isinstance(task_types, str) or not task_types:
+                raise ValueError(f"task_types={task_types!r}: give a non-empty list of {list(TASK_TYPES)}")
+            unknown = [t for t in task_types if t not in TASK_TYPES]
+            if unknown:
+                raise ValueError(f"task_types: unknown {unknown}; valid: {list(TASK_TYPES)}")
+        self.task_types = None if task_types is None else frozenset(task_types)
         super().__init__(split=split, max_turns=max_turns, render_mode=render_mode)
         self.task_order = task_order
         try:
@@ -336,6 +350,8 @@ class ALFWorldEnv(TextEnv):
         if split not in SPLIT_DIRS:
             raise ValueError(f"split={split!r} is not one of {list(SPLIT_DIRS)}")
         tasks = list(scan_games(str(self._json_dir), SPLIT_DIRS[split])[0])
+        if self.task_types is not None:
+            tasks = [t for t in tasks if task_type(t) in self.task_types]
         return tasks if self.task_order == "sorted" else interleave_by_type(tasks)
 
     def skipped_tasks(self, split: str) -> dict[str, str]:

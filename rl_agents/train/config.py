@@ -152,6 +152,13 @@ class TrainConfig:
     """Run name; empty = `<objective>-<timestamp>`. Re-running with an existing name resumes that run."""
     seed: int = 0
     """Seeds the data order (shuffle per epoch) and torch."""
+    share_prefixes: bool = True
+    """Run the shared prefixes of a micro-batch once (tree attention, `rl_agents.packing`): step
+    pairs and several samples per prefix (StepAgent) cost about their prefix once, not per row;
+    step-level data is then batched by trajectory (a global batch holds the steps and samples of a
+    few expert trajectories, not steps of similar length from many) so that such rows share
+    micro-batches. Same log-probs and gradients per row; needs sdpa or eager attention (others
+    run unpacked). Off: length-grouped batches, padded rows."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% more compute)."""
     checkpoint_every: int = 0

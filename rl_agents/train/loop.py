@@ -36,8 +36,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from algorithms.objectives import Objective, get_objective, pair_turn_logps, sequence_logps, unwrap
-from rl_agents.batches import PairBatch, PPOBatch
+from algorithms.objectives import (FORWARD_TOKENS, Objective, get_objective, pair_turn_logps, sequence_logps,
+                                   set_prefix_sharing, unwrap)
+from rl_agents.batches import PairBatch, PPOBatch, PPOExample
 from rl_agents.collate import collate_pairs, collate_ppo, collate_sequences, length_grouped_batches
 from rl_agents.train.checkpoint import load_state, save_hf, save_state
 from rl_agents.train.config import TrainConfig
@@ -50,14 +51,36 @@ def example_length(example) -> int:
     return max(len(example[0]), len(example[1])) if isinstance(example, (tuple, list)) else len(example)
 
 
-def epoch_plan(lengths: list[int], cfg: TrainConfig, epoch: int) -> list[list[list[int]]]:
-    """Steps of one epoch; each step is the list of W·G micro-batches (lists of example indices)."""
+def example_ids(example) -> list[int]:
+    """The token ids that order an example within its batch (a pair: its chosen sequence)."""
+    if isinstance(example, (tuple, list)):
+        example = example[0]
+    return example.sequence.input_ids if isinstance(example, PPOExample) else example.input_ids
+
+
+def batch_keys(examples, cfg: TrainConfig) -> list[int] | None:
+    """How examples are grouped into batches and cut into micro-batches: with `share_prefixes`,
+    step-level data (prefixes shared across examples: StepAgent's steps and samples) by
+    lexicographic rank (`rl_agents.packing.sort_keys`), so a global batch holds the steps of a few
+    expert trajectories and each micro-batch runs its shared prefix once; None = by length (the
+    length-grouped batches of `length_grouped_batches`: least padding). Either way every example is
+    used once per epoch and the batch order is shuffled."""
+    from rl_agents.packing import sort_keys
+
+    return sort_keys([example_ids(e) for e in examples]) if cfg.share_prefixes else None
+
+
+def epoch_plan(lengths: list[int], cfg: TrainConfig, epoch: int, keys: list[int] | None = None) -> list[list[list[int]]]:
+    """Steps of one epoch; each step is the list of W·G micro-batches (lists of example indices).
+    Batches are grouped (`length_grouped_batches`) and sorted by `keys` (`batch_keys`), or by
+    length, then cut."""
     bs, mb = cfg.optim.batch_size, cfg.optim.micro_batch_size
+    order = keys if keys is not None else lengths
     steps = []
-    for batch in length_grouped_batches(lengths, bs, seed=cfg.seed + epoch):
+    for batch in length_grouped_batches(order, bs, seed=cfg.seed + epoch):
         if len(batch) < bs:
             continue  # the epoch's incomplete last batch
-        batch = sorted(batch, key=lambda i: (lengths[i], i))
+        batch = sorted(batch, key=lambda i: (order[i], i))
         steps.append([batch[k:k + mb] for k in range(0, bs, mb)])
     return steps
 
@@ -144,6 +167,7 @@ def _setup_worker(cfg: TrainConfig) -> None:
             # (`import deepspeed.comm.torch as m` would bind the torch package: deepspeed.comm re-exports it.)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
+    set_prefix_sharing(cfg.share_prefixes)
 
 
 # ---- reference ---------------------------------------------------------------------------------
@@ -151,7 +175,8 @@ def precompute_reference(model, examples, cfg: TrainConfig, pad_id: int, rank: i
                          device: torch.device) -> list[tuple[list[float], list[float]]]:
     """Per-turn reference log-probs of every pair, from the initial policy: each rank scores a shard
     (length-sorted micro-batches, chunk c on rank c % W), then all ranks exchange their shards."""
-    order = sorted(range(len(examples)), key=lambda i: (example_length(examples[i]), i))
+    keys = batch_keys(examples, cfg)
+    order = sorted(range(len(examples)), key=lambda i: (keys[i] if keys else example_length(examples[i]), i))
     mb = cfg.optim.micro_batch_size
     chunks = [order[k:k + mb] for k in range(0, len(order), mb)]
     mine: dict[int, tuple[list[float], list[float]]] = {}
@@ -178,9 +203,9 @@ def precompute_old_logps(model, examples, lengths: list[int], cfg: TrainConfig, 
     collation and forward as the loss, so the first step's ratio is exactly 1 — plus a share of the
     examples epoch 0 drops (the incomplete last batch); then all ranks exchange their values.
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
-    mine: list[list[int]] = [step[g * world + rank] for step in epoch_plan(lengths, cfg, 0)
-                             for g in range(cfg.grad_accum)]
-    planned = {i for step in epoch_plan(lengths, cfg, 0) for micro in step for i in micro}
+    plan = epoch_plan(lengths, cfg, 0, batch_keys(examples, cfg))
+    mine: list[list[int]] = [step[g * world + rank] for step in plan for g in range(cfg.grad_accum)]
+    planned = {i for step in plan for micro in step for i in micro}
     left = sorted((i for i in range(len(examples)) if i not in planned), key=lambda i: (lengths[i], i))
     mb = cfg.optim.micro_batch_size
     chunks = [left[k:k + mb] for k in range(0, len(left), mb)]
@@ -228,6 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
     model, _zero3_init = build_model(cfg, config["model_dir"])  # noqa: F841 (kept alive on purpose)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     lengths = [example_length(e) for e in examples]
+    keys = batch_keys(examples, cfg)
     per_epoch = steps_per_epoch(len(examples), cfg)
     total_steps = per_epoch * cfg.optim.epochs
     model, optimizer, scheduler = wrap(model, cfg, total_steps, device)
@@ -290,12 +316,13 @@ def train_loop_per_worker(config: dict) -> None:
         for step in range(start_step, total_steps):
             epoch, k = divmod(step, per_epoch)
             if epoch != plan_epoch:
-                plan_epoch, plan = epoch, epoch_plan(lengths, cfg, epoch)
+                plan_epoch, plan = epoch, epoch_plan(lengths, cfg, epoch, keys)
             _maybe_inject_fault(cfg, step, rank, world, run_dir)
             t0, c0 = time.perf_counter(), time.process_time()
             micro = plan[k]
             units_global = sum(objective.units(examples[i]) for m in micro for i in m)
             acc = StepMetrics()
+            forward_tokens = FORWARD_TOKENS[0]
             lr = scheduler.get_last_lr()[0]
             for g in range(grad_accum):
                 idx = micro[g * world + rank]
@@ -324,7 +351,9 @@ def train_loop_per_worker(config: dict) -> None:
             out.update({"train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "train/lr": lr, "train/epoch": epoch, "perf/step_s": elapsed,
                         "perf/step_cpu_s": time.process_time() - c0,  # this rank's CPU time, all threads
-                        "perf/tokens_per_s": out["perf/real_tokens"] / elapsed})
+                        "perf/tokens_per_s": out["perf/real_tokens"] / elapsed,
+                        # positions the forward passes computed: padded rows, or fewer when packed
+                        "perf/forward_tokens": FORWARD_TOKENS[0] - forward_tokens})
             if step == start_step:  # the reference pass before this attempt's first step
                 out.update({"perf/reference_s": reference_s, "perf/reference_cpu_s": reference_cpu_s})
             logger.log(step, out)

@@ -52,6 +52,20 @@ def test_interleaved_task_order_is_a_type_balanced_permutation(env, alfworld_dat
         ALFWorldEnv(task_order="random", data_dir=alfworld_data)
 
 
+def test_task_types_keep_only_those_types(env, alfworld_data):
+    two = ["pick_and_place_simple", "look_at_obj_in_light"]
+    sub = ALFWorldEnv(data_dir=alfworld_data, task_types=two, task_order="interleaved")
+    for split in ("train", "test_unseen"):
+        tasks = sub.list_tasks(split)
+        assert sorted(tasks) == [t for t in env.list_tasks(split) if task_type(t) in two]
+        assert {task_type(t) for t in tasks[:2]} == set(two)  # interleaved within the kept types
+    assert len(sub.list_tasks("train")) < len(env.list_tasks("train"))
+    with pytest.raises(ValueError, match=r"task_types: unknown \['pick_and_place'\]"):
+        ALFWorldEnv(data_dir=alfworld_data, task_types=["pick_and_place"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        ALFWorldEnv(data_dir=alfworld_data, task_types="look_at_obj_in_light")
+
+
 def test_data_dir_from_the_environment(alfworld_data, monkeypatch):
     monkeypatch.setenv("ALFWORLD_DATA", str(alfworld_data))
     assert ALFWorldEnv(split="test_seen").data_dir == alfworld_data
