@@ -3,9 +3,9 @@
 Right padding only: every real token keeps its position (0..len-1) and, with a causal mask, never
 attends to padding, so a padded batch gives each sequence exactly its unpadded log-probs
 (tested on a tiny Llama with sdpa attention, fp32). Padding is marked by `attention_mask == 0`;
-nothing downstream compares ids with `pad_id`. Packing several sequences into one row is not
-implemented: it needs per-sequence position ids and block-diagonal masks, and padding waste is
-already small with `length_grouped_batches`.
+nothing downstream compares ids with `pad_id`. Rows that share long prefixes are packed at the
+forward (`rl_agents.packing`, used by `algorithms.objectives.agent_logits`); unrelated sequences
+are not packed together (padding waste is already small with `length_grouped_batches`).
 """
 
 from __future__ import annotations
