@@ -484,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             per_env[name] = results
             sections.append(
                 f"### {name} (`{env['env_id']}`)\n\n{env_table(env, results, args.seeds, args.algos)}\n"
-                f"Tasks: SFT on the expert trajectories of the first {env['train_tasks']} train tasks; every other "
+                + (f"Task types: {', '.join(env['task_types'])} (ALFWorld's `task_types`).\n" if env.get("task_types") else "")
+                + f"Tasks: SFT on the expert trajectories of the first {env['train_tasks']} train tasks; every other "
                 f"algorithm from the SFT policy on the first {env['explore_tasks']}. Greedy evaluation on the first "
                 f"{env['eval_tasks']} tasks of test_seen and test_unseen, at most {env['max_turns']} agent turns of "
                 f"{MAX_NEW_TOKENS} new tokens, context {env['max_context']}. Mean ± sample std over seeds "
