@@ -127,7 +127,9 @@ def agent_logits(model: torch.nn.Module, tokens: TokenBatch) -> tuple[torch.Tens
     target_mask = tokens.action_mask.clone()
     target_mask[:, 0] = False  # nothing predicts position 0
     pack = mask = None
-    if PREFIX_SHARING["enabled"]:
+    window = getattr(getattr(unwrap(model), "config", None), "sliding_window", None)
+    # The packed mask is plain causal per row: exact only where no row is longer than a sliding window.
+    if PREFIX_SHARING["enabled"] and not (isinstance(window, int) and tokens.input_ids.shape[1] > window):
         from rl_agents.packing import pack_shared_prefixes
 
         pack = pack_shared_prefixes(tokens.input_ids, tokens.attention_mask)

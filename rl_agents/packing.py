@@ -20,7 +20,8 @@ its length with the trunk, and the packed row stays <= `MAX_GROWTH` x the batch'
 share only the system prompt, therefore stay apart, and `pack_shared_prefixes` returns None.
 
 Needs an attention implementation that takes an arbitrary 4D mask: sdpa (bool mask) and eager
-(additive float mask). Others (flash_attention_2) get the plain padded forward.
+(additive float mask). Others (flash_attention_2) get the plain padded forward, and so does a
+batch longer than the model's sliding window (the packed mask is plain causal per row).
 """
 
 from __future__ import annotations

@@ -175,3 +175,18 @@ def test_step_level_ppo_plan_packs_micro_batches_and_keeps_ratio_exactly_one(tin
     for micro in plan[0]:
         _, m = get_objective("ppo").fn(tiny_model, collate_ppo([filled[i] for i in micro], pad_id=0), LossConfig())
         assert m["ppo/ratio_mean"].item() == 1.0 and m["ppo/clip_frac"].item() == 0.0
+
+
+def test_rows_longer_than_a_sliding_window_run_unpacked(tiny_model):
+    """The packed mask knows no sliding window: a model with one shorter than the batch runs padded."""
+    seqs, _ = _steps()
+    batch = collate_sequences(seqs, pad_id=0)
+    before = FORWARD_TOKENS[0]
+    tiny_model.config.sliding_window = batch.input_ids.shape[1] - 1
+    with torch.no_grad():
+        sequence_logps(tiny_model, batch)
+    assert FORWARD_TOKENS[0] - before == batch.input_ids.numel()
+    tiny_model.config.sliding_window = batch.input_ids.shape[1]
+    with torch.no_grad():
+        sequence_logps(tiny_model, batch)
+    assert FORWARD_TOKENS[0] - before < 2 * batch.input_ids.numel()
