@@ -40,6 +40,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+def _speedups(before: dict, after: dict, tokens: str) -> dict:
+    return {"token_ratio": before[tokens] / after[tokens], "wall_speedup": before["wall_s"] / after["wall_s"],
+            "cpu_speedup": before["cpu_s"] / after["cpu_s"]}
+
+
+def _versus(label: str, before: dict, after: dict, tokens: str, r: dict) -> str:
+    """'<label> N tokens .. s wall .. s CPU; shared prefixes M tokens .. s .. s -> ratios' of a part."""
+    return (f"{label} {before[tokens]} tokens {before['wall_s']:.1f} s wall {before['cpu_s']:.1f} s CPU; shared prefixes "
+            f"{after[tokens]} tokens {after['wall_s']:.1f} s {after['cpu_s']:.1f} s -> {r['token_ratio']:.2f}x fewer "
+            f"tokens, {r['wall_speedup']:.2f}x wall, {r['cpu_speedup']:.2f}x CPU")
+
+
 def _timed(fn):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
@@ -136,8 +148,7 @@ def bench_features(args, experts, model) -> dict:
     hook.remove()
     gap = (out.pop("whole_sequences_feats") - out.pop("shared_prefixes_feats")).abs().max().item()
     w, s = out["whole_sequences"], out["shared_prefixes"]
-    out.update(sequences=len(seqs), max_abs_diff=gap, token_ratio=w["tokens_fed"] / s["tokens_fed"],
-               wall_speedup=w["wall_s"] / s["wall_s"], cpu_speedup=w["cpu_s"] / s["cpu_s"])
+    out.update(sequences=len(seqs), max_abs_diff=gap, **_speedups(w, s, "tokens_fed"))
     return out
 
 
@@ -211,8 +222,7 @@ def bench_training(args, experts, model) -> dict:
         set_prefix_sharing(True)
         p, s = res["padded"], res["shared_prefixes"]
         out[name] = {**res, "examples": len(examples), "loss_diff": abs(p["epoch_loss"] - s["epoch_loss"]),
-                     "token_ratio": p["forward_tokens"] / s["forward_tokens"], "wall_speedup": p["wall_s"] / s["wall_s"],
-                     "cpu_speedup": p["cpu_s"] / s["cpu_s"]}
+                     **_speedups(p, s, "forward_tokens")}
     return out
 
 
@@ -252,19 +262,15 @@ def main() -> None:
               f"{c['cpu_speedup']:.2f}x CPU; identical actions {c['identical_actions']}", flush=True)
     if args.part in ("all", "features"):
         result["features"] = f = bench_features(args, experts, model)
-        print(f"[features] {f['sequences']} sequences: whole {f['whole_sequences']['tokens_fed']} tokens "
-              f"{f['whole_sequences']['wall_s']:.1f} s wall {f['whole_sequences']['cpu_s']:.1f} s CPU; shared prefixes "
-              f"{f['shared_prefixes']['tokens_fed']} tokens {f['shared_prefixes']['wall_s']:.1f} s "
-              f"{f['shared_prefixes']['cpu_s']:.1f} s -> {f['token_ratio']:.2f}x fewer tokens, "
-              f"{f['wall_speedup']:.2f}x wall, {f['cpu_speedup']:.2f}x CPU; max |diff| {f['max_abs_diff']:.1e}", flush=True)
+        print(f"[features] {f['sequences']} sequences: "
+              + _versus("whole", f["whole_sequences"], f["shared_prefixes"], "tokens_fed", f)
+              + f"; max |diff| {f['max_abs_diff']:.1e}", flush=True)
     if args.part in ("all", "training"):
         result["training"] = t = bench_training(args, experts, model)
         for name, r in t.items():
-            print(f"[training {name}] {r['examples']} examples, one epoch fwd+bwd: padded {r['padded']['forward_tokens']} "
-                  f"tokens {r['padded']['wall_s']:.1f} s wall {r['padded']['cpu_s']:.1f} s CPU; shared prefixes "
-                  f"{r['shared_prefixes']['forward_tokens']} tokens {r['shared_prefixes']['wall_s']:.1f} s "
-                  f"{r['shared_prefixes']['cpu_s']:.1f} s -> {r['token_ratio']:.2f}x fewer tokens, {r['wall_speedup']:.2f}x "
-                  f"wall, {r['cpu_speedup']:.2f}x CPU; epoch loss |diff| {r['loss_diff']:.1e}", flush=True)
+            print(f"[training {name}] {r['examples']} examples, one epoch fwd+bwd: "
+                  + _versus("padded", r["padded"], r["shared_prefixes"], "forward_tokens", r)
+                  + f"; epoch loss |diff| {r['loss_diff']:.1e}", flush=True)
     result["load_avg_end"] = os.getloadavg()
     print(json.dumps(result))
 
