@@ -22,6 +22,13 @@ skipped next time. A run that crashes records its error there, the others still 
 next invocation retries it from scratch; a run whose SFT policy has changed since is redone.
 `<out>/<env>/settings.json` pins the settings: re-running with others into the same --out stops.
 
+Records: every finished run's result.json (and each seed's exploration summary) is also kept in
+`--records` (default `benchmarks/results/learning`, in the repository: a few KB each, meant to be
+committed), with the settings they were made with. `--out` holds the weights and lives on the
+machine that ran them; the records are what the tables are made from when `--out` no longer has a
+run (`--report` reads `--out` first, then the records), so a benchmark spread over several machines
+still reports every finished run. `--report` also copies what it finds in `--out` into the records.
+
 Output: per env a markdown table (mean ± sample std over seeds), printed and written into
 `--results` between markers (the rest of that file is kept), and a bar chart `<out>/learning.png`.
 """
@@ -160,6 +167,7 @@ def shared_exploration(env: dict, seed: int, seed_dir: Path, sft: dict) -> str:
     summary = {k: v for k, v in summarize(trajs).items() if k != "stop_reasons"}
     print(f"  shared exploration: {summary['num_tasks']} episodes, success {summary['success_rate']:.1%}", flush=True)
     atomic_write_text(meta, json.dumps({"sft_run_id": sft["run_id"], "seconds": time.perf_counter() - t0, **summary}))
+    keep_record(env["name"], seed, "explore", json.loads(meta.read_text()))
     return str(path)
 
 
@@ -207,12 +215,46 @@ def run_best_of_n(env: dict, seed: int, run_dir: Path, sft: dict, n: int) -> dic
             "num_tasks": {s: m["num_tasks"] for s, m in report["splits"].items()}}
 
 
+# ---- records (committed copies of finished results) ------------------------------------------------
+RECORDS: Path | None = None  # set by main() from --records
+
+
+def record_path(env_name: str, seed: int | None, name: str) -> Path | None:
+    if RECORDS is None:
+        return None
+    return RECORDS / env_name / (f"seed{seed}/{name}.json" if seed is not None else f"{name}.json")
+
+
+def keep_record(env_name: str, seed: int | None, name: str, data: dict) -> None:
+    """Copy a finished result into --records (atomically; unchanged content is not rewritten)."""
+    path = record_path(env_name, seed, name)
+    if path is None:
+        return
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(path, text)
+
+
+def read_record(env_name: str, seed: int | None, name: str) -> dict | None:
+    path = record_path(env_name, seed, name)
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
 def ensure(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, args, explored: dict) -> dict | None:
-    """The stored result of (env, seed, algo) if finished and current; else run it and store it."""
+    """The stored result of (env, seed, algo) if finished and current; else run it and store it.
+
+    With --report, a run that --out lacks is taken from the records (a run that --out has is
+    copied there)."""
     run_dir, path = seed_dir / algo, seed_dir / algo / "result.json"
     old = json.loads(path.read_text()) if path.exists() else None
-    if old and not old.get("error") and (algo == "sft" or old.get("sft_run_id") == sft["run_id"]):
-        print(f"  {algo}: done before, skipped", flush=True)
+    if args.report and not (old and not old.get("error")):
+        old, source = read_record(env["name"], seed, algo), "records"
+    else:
+        source = "out"
+    if old and not old.get("error") and (algo == "sft" or (sft and old.get("sft_run_id") == sft["run_id"])):
+        if source == "out":
+            keep_record(env["name"], seed, algo, old)
+        print(f"  {algo}: done before, skipped" + (" (from the records)" if source == "records" else ""), flush=True)
         return old
     if args.report:
         print(f"  {algo}: not run (--report)", flush=True)
@@ -247,6 +289,8 @@ def ensure(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, ar
     result.update(env=env["name"], seed=seed, algo=algo, wall_s=time.perf_counter() - t0, run_id=uuid.uuid4().hex,
                   sft_run_id=sft["run_id"] if sft else None, finished=datetime.now().isoformat(timespec="seconds"))
     atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+    if not result.get("error"):
+        keep_record(env["name"], seed, algo, result)
     if result.get("error"):
         print(f"  {algo}: FAILED ({result['error'].splitlines()[0][:200]})", flush=True)
     else:
@@ -295,15 +339,16 @@ def pin_settings(env: dict, args) -> dict:
                 "max_new_tokens": MAX_NEW_TOKENS, "lora": LORA, "deepspeed": DEEPSPEED,
                 "env": {k: v for k, v in env.items() if k != "env_kwargs"},
                 "hparams": {a: resolve_hparams(a, env["name"], args.smoke) for a in HPARAMS}}
-    path = Path(args.out) / env["name"] / "settings.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(settings)):
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings.get(k))))
-            sys.exit(f"{path}: results there were made with other settings (differs in {diff}); "
-                     "use another --out or delete that directory")
-    else:
-        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+    paths = [Path(args.out) / env["name"] / "settings.json"] + ([p] if (p := record_path(env["name"], None, "settings")) else [])
+    for path in paths:
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != json.loads(json.dumps(settings)):
+                diff = sorted(k for k in set(old) | set(settings) if old.get(k) != json.loads(json.dumps(settings.get(k))))
+                sys.exit(f"{path}: results there were made with other settings (differs in {diff}); "
+                         "use another --out / --records or delete that directory")
+        else:
+            atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
     return settings
 
 
@@ -337,6 +382,11 @@ def env_table(env: dict, results: dict, seeds: list[int], algos: list[str]) -> s
         tasks = "/".join(str(ok[0]["num_tasks"].get(s, "?")) for s in SPLITS) if ok else "—"
         wall = _mean_std([r["wall_s"] for r in ok], 1 / 60, ".1f")
         lines.append(f"| {LABELS[algo]} | " + " | ".join(cells) + f" | {len(ok)}/{len(seeds)} | {tasks} | {wall} |")
+    sources: dict[str, list[str]] = {}  # records kept from elsewhere say where they come from
+    for (s, algo), r in sorted(results.items(), key=lambda kv: (kv[0][0], algos.index(kv[0][1]))):
+        if r and not r.get("error") and r.get("source"):
+            sources.setdefault(r["source"], []).append(f"{LABELS[algo]} seed {s}")
+    notes += [f"{', '.join(runs)}: {source}" for source, runs in sources.items()]
     text = "\n".join(lines) + "\n"
     return text + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
 
@@ -357,9 +407,20 @@ def settings_table(env: dict, args, algos: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def explore_line(seed_dirs: list[Path]) -> str:
-    found = [json.loads((d / "explore" / "summary.json").read_text()) for d in seed_dirs
-             if (d / "explore" / "summary.json").exists()]
+def explorations(env_name: str, seeds: list[int], out: Path, results: dict) -> list[dict]:
+    """Each seed's shared-exploration summary of its current SFT run: from --out, else the records."""
+    found = []
+    for seed in seeds:
+        sft, path = results.get((seed, "sft")), out / env_name / f"seed{seed}" / "explore" / "summary.json"
+        for summary in (json.loads(path.read_text()) if path.exists() else None, read_record(env_name, seed, "explore")):
+            if summary and sft and summary.get("sft_run_id") == sft.get("run_id"):
+                keep_record(env_name, seed, "explore", summary)
+                found.append(summary)
+                break
+    return found
+
+
+def explore_line(found: list[dict]) -> str:
     if not found:
         return ""
     return (f"SFT agent's shared exploration (T = {EXPLORE_T}): success "
@@ -427,6 +488,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--best-of", type=int, default=BEST_OF_N, help=f"N of the Best-of-N row (default {BEST_OF_N})")
     p.add_argument("--out", default="runs/learning", help="run directories and result.json files")
     p.add_argument("--results", default="docs/results.md", help="markdown file the tables are written into")
+    p.add_argument("--records", help="where finished results are kept as small JSON files to commit, the tables' "
+                   "source when --out lacks a run (default benchmarks/results/learning; with --smoke <out>/records); "
+                   "'' for none")
     p.add_argument("--model", default="smollm2-135m", help="base model: alias or local HF checkpoint dir")
     p.add_argument("--threads", type=int, default=2, help="CPU cores: Ray CPUs and the trainer's torch threads")
     p.add_argument("--alfworld-data", default=os.environ.get("ALFWORLD_DATA") or REPO.parent / "shared" / "data" / "alfworld",
@@ -436,6 +500,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, 4 tasks, 1 epoch, Best-of-2, "
                    "at most 4 turns: every code path in minutes (numbers meaningless)")
     args = p.parse_args(argv)
+    if args.records is None:  # smoke numbers are meaningless: never mixed into the committed records
+        args.records = str(Path(args.out) / "records") if args.smoke else str(REPO / "benchmarks" / "results" / "learning")
     if args.smoke:
         args.model = "tiny-llama" if args.model == "smollm2-135m" else args.model
         args.best_of = 2 if args.best_of == BEST_OF_N else args.best_of
@@ -454,6 +520,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global RECORDS
+    RECORDS = Path(args.records) if args.records else None
     import ray
 
     start, out = time.perf_counter(), Path(args.out)
@@ -462,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.report:
         init_ray(num_cpus=args.threads)
-    sections, per_env = [], {}
+    sections, per_env, explored_summaries = [], {}, {}
     try:
         for name in args.envs:
             env, why = env_settings(name, args)
@@ -471,10 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                 sections.append(f"### {name}\n\nSkipped: {why}.\n")
                 continue
             pin_settings(env, args)
-            results, explored, seed_dirs = {}, {}, []
+            results, explored = {}, {}
             for seed in args.seeds:
                 seed_dir = out / name / f"seed{seed}"
-                seed_dirs.append(seed_dir)
                 print(f"\n=== {name} ({env['env_id']}), seed {seed} (t = {(time.perf_counter() - start) / 60:.1f} min)",
                       flush=True)
                 sft = ensure("sft", env, seed, seed_dir, None, args, explored)
@@ -483,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                 for algo in args.algos[1:]:
                     results[(seed, algo)] = ensure(algo, env, seed, seed_dir, base, args, explored)
             per_env[name] = results
+            explored_summaries[name] = explorations(name, args.seeds, out, results)
             sections.append(
                 f"### {name} (`{env['env_id']}`)\n\n{env_table(env, results, args.seeds, args.algos)}\n"
                 + (f"Task types: {', '.join(env['task_types'])} (ALFWorld's `task_types`).\n" if env.get("task_types") else "")
@@ -491,13 +559,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{env['eval_tasks']} tasks of test_seen and test_unseen, at most {env['max_turns']} agent turns of "
                 f"{MAX_NEW_TOKENS} new tokens, context {env['max_context']}. Mean ± sample std over seeds "
                 f"{', '.join(map(str, args.seeds))}; wall = train + evaluation of one run.\n"
-                f"{explore_line(seed_dirs)}\n{settings_table(env, args, args.algos)}")
+                f"{explore_line(explored_summaries[name])}\n{settings_table(env, args, args.algos)}")
     finally:
         ray.shutdown()
     if per_env:
         bar_chart(per_env, args.seeds, args.algos, out / "learning.png")
     run_s = sum(r["wall_s"] for res in per_env.values() for r in res.values() if r) + sum(
-        json.loads(f.read_text())["seconds"] for name in per_env for f in (out / name).glob("seed*/explore/summary.json"))
+        f["seconds"] for found in explored_summaries.values() for f in found)
     machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores (os.cpu_count()), "
                f"{args.threads} used, no GPU")
     text = (f"## Learning benchmark\n\n"
