@@ -21,13 +21,17 @@ Resumable: a finished run writes `<out>/<env>/seed<k>/<algo>/result.json` (atomi
 skipped next time. A run that crashes records its error there, the others still run, and the
 next invocation retries it from scratch; a run whose SFT policy has changed since is redone.
 `<out>/<env>/settings.json` pins the settings: re-running with others into the same --out stops.
+An SFT run's result carries the sha256 of its weights: an SFT redone with identical weights (the
+same seed on the same software reproduces them) keeps every result made from the earlier one.
 
 Records: every finished run's result.json (and each seed's exploration summary) is also kept in
 `--records` (default `benchmarks/results/learning`, in the repository: a few KB each, meant to be
 committed), with the settings they were made with. `--out` holds the weights and lives on the
 machine that ran them; the records are what the tables are made from when `--out` no longer has a
 run (`--report` reads `--out` first, then the records), so a benchmark spread over several machines
-still reports every finished run. `--report` also copies what it finds in `--out` into the records.
+still reports every finished run, and a fresh machine that redoes an SFT run to identical weights
+skips what the records already hold for it. `--report` also copies what it finds in `--out` into
+the records.
 
 Output: per env a markdown table (mean ± sample std over seeds), printed and written into
 `--results` between markers (the rest of that file is kept), and a bar chart `<out>/learning.png`.
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -167,7 +172,7 @@ def shared_exploration(env: dict, seed: int, seed_dir: Path, sft: dict) -> str:
     summary = {k: v for k, v in summarize(trajs).items() if k != "stop_reasons"}
     print(f"  shared exploration: {summary['num_tasks']} episodes, success {summary['success_rate']:.1%}", flush=True)
     atomic_write_text(meta, json.dumps({"sft_run_id": sft["run_id"], "seconds": time.perf_counter() - t0, **summary}))
-    keep_record(env["name"], seed, "explore", json.loads(meta.read_text()))
+    keep_record(env["name"], seed, "explore", {**json.loads(meta.read_text()), "sft_policy_sha256": sft.get("policy_sha256")})
     return str(path)
 
 
@@ -240,22 +245,61 @@ def read_record(env_name: str, seed: int | None, name: str) -> dict | None:
     return json.loads(path.read_text()) if path is not None and path.exists() else None
 
 
+def weights_sha256(policy: str | os.PathLike) -> str | None:
+    """Digest of a policy's weights: its *.safetensors files, by name, in name order."""
+    files = sorted(Path(policy).glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def made_from(result: dict | None, algo: str, sft: dict | None) -> bool:
+    """Whether a stored result is finished and was made from this SFT run (or from identical weights)."""
+    if not result or result.get("error"):
+        return False
+    if algo == "sft":
+        return True
+    if not sft:
+        return False
+    digest = sft.get("policy_sha256")
+    return result.get("sft_run_id") == sft["run_id"] or (digest is not None and result.get("sft_policy_sha256") == digest)
+
+
+def with_digests(result: dict, algo: str, sft: dict | None, path: Path) -> dict:
+    """Add the weight digests to a result made before they were recorded (written back to `path`)."""
+    if algo == "sft" and "policy_sha256" not in result and Path(result.get("policy", "")).is_dir():
+        result["policy_sha256"] = weights_sha256(result["policy"])
+    elif algo != "sft" and "sft_policy_sha256" not in result and sft and result.get("sft_run_id") == sft["run_id"]:
+        result["sft_policy_sha256"] = sft.get("policy_sha256")
+    else:
+        return result
+    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
 def ensure(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, args, explored: dict) -> dict | None:
     """The stored result of (env, seed, algo) if finished and current; else run it and store it.
 
-    With --report, a run that --out lacks is taken from the records (a run that --out has is
-    copied there)."""
+    A run that --out lacks is taken from the records when it was made from this SFT run or from
+    identical weights (the SFT run itself only with --report: the others need its weights). A run
+    that --out has is copied to the records."""
     run_dir, path = seed_dir / algo, seed_dir / algo / "result.json"
     old = json.loads(path.read_text()) if path.exists() else None
-    if args.report and not (old and not old.get("error")):
-        old, source = read_record(env["name"], seed, algo), "records"
-    else:
-        source = "out"
-    if old and not old.get("error") and (algo == "sft" or (sft and old.get("sft_run_id") == sft["run_id"])):
-        if source == "out":
-            keep_record(env["name"], seed, algo, old)
-        print(f"  {algo}: done before, skipped" + (" (from the records)" if source == "records" else ""), flush=True)
+    if made_from(old, algo, sft):
+        old = with_digests(old, algo, sft, path)
+        keep_record(env["name"], seed, algo, old)
+        print(f"  {algo}: done before, skipped", flush=True)
         return old
+    kept = read_record(env["name"], seed, algo)
+    if made_from(kept, algo, sft) and (args.report or algo != "sft"):
+        print(f"  {algo}: done before, skipped (from the records)", flush=True)
+        return kept
     if args.report:
         print(f"  {algo}: not run (--report)", flush=True)
         return None
@@ -287,7 +331,10 @@ def ensure(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, ar
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     result.update(env=env["name"], seed=seed, algo=algo, wall_s=time.perf_counter() - t0, run_id=uuid.uuid4().hex,
-                  sft_run_id=sft["run_id"] if sft else None, finished=datetime.now().isoformat(timespec="seconds"))
+                  sft_run_id=sft["run_id"] if sft else None, sft_policy_sha256=sft.get("policy_sha256") if sft else None,
+                  finished=datetime.now().isoformat(timespec="seconds"))
+    if algo == "sft" and not result.get("error"):
+        result["policy_sha256"] = weights_sha256(result["policy"])
     atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
     if not result.get("error"):
         keep_record(env["name"], seed, algo, result)
@@ -413,7 +460,8 @@ def explorations(env_name: str, seeds: list[int], out: Path, results: dict) -> l
     for seed in seeds:
         sft, path = results.get((seed, "sft")), out / env_name / f"seed{seed}" / "explore" / "summary.json"
         for summary in (json.loads(path.read_text()) if path.exists() else None, read_record(env_name, seed, "explore")):
-            if summary and sft and summary.get("sft_run_id") == sft.get("run_id"):
+            if made_from(summary, "explore", sft):
+                summary.setdefault("sft_policy_sha256", sft.get("policy_sha256"))
                 keep_record(env_name, seed, "explore", summary)
                 found.append(summary)
                 break
