@@ -609,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(map(str, args.seeds))}; wall = train + evaluation of one run.\n"
                 f"{explore_line(explored_summaries[name])}\n{settings_table(env, args, args.algos)}")
     finally:
-        ray.shutdown()
+        if not args.report:  # --report starts no Ray (and leaves a caller's session alone)
+            ray.shutdown()
     if per_env:
         bar_chart(per_env, args.seeds, args.algos, out / "learning.png")
     run_s = sum(r["wall_s"] for res in per_env.values() for r in res.values() if r) + sum(
