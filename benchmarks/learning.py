@@ -34,7 +34,8 @@ skips what the records already hold for it. `--report` also copies what it finds
 the records.
 
 Output: per env a markdown table (mean ± sample std over seeds), printed and written into
-`--results` between markers (the rest of that file is kept), and a bar chart `<out>/learning.png`.
+`--results` between markers (the rest of that file is kept), and a bar chart (`--chart`, default
+`<out>/learning.png`).
 """
 
 from __future__ import annotations
@@ -536,6 +537,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--best-of", type=int, default=BEST_OF_N, help=f"N of the Best-of-N row (default {BEST_OF_N})")
     p.add_argument("--out", default="runs/learning", help="run directories and result.json files")
     p.add_argument("--results", default="docs/results.md", help="markdown file the tables are written into")
+    p.add_argument("--chart", help="bar chart PNG (default <out>/learning.png)")
     p.add_argument("--records", help="where finished results are kept as small JSON files to commit, the tables' "
                    "source when --out lacks a run (default benchmarks/results/learning; with --smoke <out>/records); "
                    "'' for none")
@@ -573,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     start, out = time.perf_counter(), Path(args.out)
+    chart = Path(args.chart) if args.chart else out / "learning.png"
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
     from rl_agents.ray_utils import init_ray
 
@@ -612,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report:  # --report starts no Ray (and leaves a caller's session alone)
             ray.shutdown()
     if per_env:
-        bar_chart(per_env, args.seeds, args.algos, out / "learning.png")
+        bar_chart(per_env, args.seeds, args.algos, chart)
     run_s = sum(r["wall_s"] for res in per_env.values() for r in res.values() if r) + sum(
         f["seconds"] for found in explored_summaries.values() for f in found)
     machine = (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores (os.cpu_count()), "
@@ -624,10 +627,10 @@ def main(argv: list[str] | None = None) -> int:
             f"- command: `{command}`\n- date: {datetime.now().isoformat(timespec='minutes')}\n- machine: {machine}\n"
             f"- time: {run_s / 3600:.2f} h summed over the runs in these tables (any invocation), "
             f"{(time.perf_counter() - start) / 60:.1f} min this invocation"
-            + (f"; chart: `{out / 'learning.png'}`" if per_env else "") + "\n\n" + "\n".join(sections))
+            + (f"; chart: `{chart}`" if per_env else "") + "\n\n" + "\n".join(sections))
     print("\n" + text)
     write_section(Path(args.results), text)
-    print(f"wrote {args.results}" + (f", {out / 'learning.png'}" if per_env else ""))
+    print(f"wrote {args.results}" + (f", {chart}" if per_env else ""))
     return 0
 
 
