@@ -172,8 +172,10 @@ def shared_exploration(env: dict, seed: int, seed_dir: Path, sft: dict) -> str:
                         temperature=EXPLORE_T, max_new_tokens=MAX_NEW_TOKENS, seed=seed, verbose=False)
     summary = {k: v for k, v in summarize(trajs).items() if k != "stop_reasons"}
     print(f"  shared exploration: {summary['num_tasks']} episodes, success {summary['success_rate']:.1%}", flush=True)
-    atomic_write_text(meta, json.dumps({"sft_run_id": sft["run_id"], "seconds": time.perf_counter() - t0, **summary}))
-    keep_record(env["name"], seed, "explore", {**json.loads(meta.read_text()), "sft_policy_sha256": sft.get("policy_sha256")})
+    summary = {"sft_run_id": sft["run_id"], "sft_policy_sha256": sft.get("policy_sha256"),
+               "seconds": time.perf_counter() - t0, **summary}
+    atomic_write_text(meta, json.dumps(summary))
+    keep_record(env["name"], seed, "explore", summary)
     return str(path)
 
 
@@ -337,11 +339,10 @@ def ensure(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, ar
     if algo == "sft" and not result.get("error"):
         result["policy_sha256"] = weights_sha256(result["policy"])
     atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
-    if not result.get("error"):
-        keep_record(env["name"], seed, algo, result)
-    if result.get("error"):
+    if result.get("error"):  # not recorded: the records hold finished runs only
         print(f"  {algo}: FAILED ({result['error'].splitlines()[0][:200]})", flush=True)
     else:
+        keep_record(env["name"], seed, algo, result)
         print(f"  {algo}: " + ", ".join(f"{s} reward {result['metrics'][f'eval/{s}/avg_reward']:.3f} success "
                                         f"{result['metrics'][f'eval/{s}/success_rate']:.1%}" for s in SPLITS)
               + f" ({result['wall_s'] / 60:.1f} min)", flush=True)
