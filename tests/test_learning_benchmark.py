@@ -1,4 +1,5 @@
-"""benchmarks/learning.py's bookkeeping: committed records, weight digests, which stored results count.
+"""benchmarks/learning.py's bookkeeping (benchmarks/learning_report.py): committed records, weight
+digests, which stored results count.
 
 The benchmark itself runs for hours and is measured, not tested; these check, on hand-made result
 files, that a table is made from `--out` and the records together, that a result made from another
@@ -89,7 +90,7 @@ def test_report_merges_out_and_records_and_drops_other_sft_runs(learning, tmp_pa
 
 def test_a_run_made_from_identical_sft_weights_is_not_redone(learning, tmp_path, monkeypatch):
     rec = tmp_path / "records"
-    monkeypatch.setattr(learning, "RECORDS", rec)
+    monkeypatch.setattr(learning.learning_report, "RECORDS", rec)
     ran = []
     monkeypatch.setattr(learning, "run_algorithm", lambda hp, *a, **k: ran.append(hp["algo"]) or {"error": "stub"})
     env = {"name": "textshop"}
