@@ -13,7 +13,9 @@ context encoded exactly as a rollout would have built it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
@@ -22,7 +24,7 @@ from algorithms.imitation import _fit_batch
 from rl_agents.config import ConfigError
 from rl_agents.prompting import parse_action
 from rl_agents.train.config import OptimConfig, TrainConfig
-from rl_agents.trajectory import Trajectory
+from rl_agents.trajectory import Trajectory, atomic_write_text
 
 
 def _reflection_train() -> TrainConfig:
@@ -113,6 +115,19 @@ def agrees_with_expert(segmenter, practice: Practice) -> bool:
     return parse_action(agent_text).lower() == parse_action(practice.prompt.expert_turn.text).lower()
 
 
+def write_inspection(algo: Algorithm, samples: list[Practice], agrees: list[bool], **columns: list) -> Path:
+    """The iteration's practice samples as `<run_dir>/trajectories/inspect_iter<k>.jsonl` (atomically):
+    per sample the task, the step, the expert's and the agent's turn text, whether their actions agree,
+    and each of `columns` (one value per sample: what the algorithm made of it, e.g. its reward)."""
+    decode = algo.segmenter().tokenizer.decode
+    rows = [{"task_id": p.expert.task_id, "step": p.prompt.step, "expert": p.prompt.expert_turn.text,
+             "agent": decode(p.action_ids, skip_special_tokens=True), "agrees": a,
+             **{k: v[i] for k, v in columns.items()}} for i, (p, a) in enumerate(zip(samples, agrees, strict=True))]
+    path = algo.run_dir / "trajectories" / f"inspect_iter{algo.iteration}.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @register_algorithm
 class StepDPO(Algorithm):
     config_class = StepDPOConfig
@@ -126,17 +141,17 @@ class StepDPO(Algorithm):
 
         seg = self.segmenter()
         samples = self.inspect()
-        data, same = [], 0
+        data, agrees, paired = [], [], []
         for practice in samples:
             expert, sp, agent_ids = practice
-            if agrees_with_expert(seg, practice):
-                same += 1  # the agent already acts like the expert here: nothing to contrast
-                continue
-            if not agent_ids:
-                continue
-            data.append((encode_step(expert, sp.step, sp.expert_turn.text, seg), encode_step(expert, sp.step, agent_ids, seg)))
-        metrics: dict[str, Any] = {"inspect/steps": len(samples), "inspect/expert_agreement": same / max(len(samples), 1),
-                                   "data/pairs": len(data)}
+            agrees.append(agrees_with_expert(seg, practice))  # if so, nothing to contrast
+            paired.append(not agrees[-1] and bool(agent_ids))
+            if paired[-1]:
+                data.append((encode_step(expert, sp.step, sp.expert_turn.text, seg),
+                             encode_step(expert, sp.step, agent_ids, seg)))
+        write_inspection(self, samples, agrees, paired=paired)
+        metrics: dict[str, Any] = {"inspect/steps": len(samples),
+                                   "inspect/expert_agreement": sum(agrees) / max(len(samples), 1), "data/pairs": len(data)}
         if data:
             self.config.train.loss.beta = self.config.beta
             metrics.update(self.update("step_dpo", _fit_batch(self, data)))

@@ -48,7 +48,7 @@ from torch import nn
 from algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
 from algorithms.imitation import _fit_batch
 from algorithms.ppo_baseline import check_ppo_fields, set_ppo_loss
-from algorithms.step_dpo import _reflection_train, agrees_with_expert, inspect_steps
+from algorithms.step_dpo import _reflection_train, agrees_with_expert, inspect_steps, write_inspection
 from algorithms.stepagent import gail_discriminator_loss
 from rl_agents.batches import EncodedSequence, TokenBatch
 from rl_agents.config import ConfigError
@@ -313,8 +313,9 @@ class StepGAIL(Algorithm):
         cfg, seg = self.config, self.segmenter()
         head = self.discriminator()  # exists from the first iteration on, so every saved state has one
         samples = [p for p in inspect_steps(self, cfg.practice_samples, cfg.max_steps_per_task) if p.action_ids]
+        agrees = [agrees_with_expert(seg, p) for p in samples]
         metrics: dict[str, Any] = {"inspect/steps": len(samples), "inspect/expert_agreement":
-                                   sum(agrees_with_expert(seg, p) for p in samples) / max(len(samples), 1)}
+                                   sum(agrees) / max(len(samples), 1)}
         if not samples:
             return metrics
         prefixes: dict[tuple[str, int], int] = {}
@@ -344,6 +345,7 @@ class StepGAIL(Algorithm):
                         "data/ppo_examples": len(agent_seqs), "reward/mean": rewards.mean().item(),
                         "reward/min": rewards.min().item(), "advantage/abs_mean": advantages.abs().mean().item()})
         data = [PPOExample(s, a, r) for s, a, r in zip(agent_seqs, advantages.tolist(), rewards.tolist())]
+        write_inspection(self, samples, agrees, reward=[d.reward for d in data], advantage=[d.advantage for d in data])
         set_ppo_loss(cfg)
         metrics.update(self.update("ppo", _fit_batch(self, data)))
         return metrics

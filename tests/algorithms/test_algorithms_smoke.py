@@ -69,6 +69,13 @@ def test_example_config_runs_and_learns(name, tmp_path, ray_cluster):
     assert loss_key in metrics
     if name in ("eto", "dmpo", "dpo", "step_dpo"):
         assert metrics["data/pairs"] >= 4  # a random tiny policy fails every task the expert solves
+    if name in ("step_dpo", "step_gail"):  # every practice sample kept, with what it became
+        kept = [json.loads(line) for line in (tmp_path / "trajectories" / "inspect_iter0.jsonl").read_text().splitlines()]
+        assert len(kept) == metrics["inspect/steps"]
+        if name == "step_dpo":
+            assert sum(r["paired"] for r in kept) == metrics["data/pairs"]
+        else:
+            assert sum(r["reward"] for r in kept) / len(kept) == pytest.approx(metrics["reward/mean"], abs=1e-6)
     if name in ("eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo"):
         assert metrics["sync/max_logprob_diff"] < 1e-3  # the rollout workers run the new weights
     if name in ("step_gail", "ppo"):

@@ -4,6 +4,7 @@ discriminator's features / head / checkpoint, and the configs. All on the tiny r
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -419,6 +420,43 @@ def test_step_gail_iteration_rewards_are_log_d_of_the_updated_head(tmp_path, tin
         assert (data[k].advantage, data[k + 1].advantage) == pytest.approx((diff, -diff), abs=1e-5)
     assert metrics["reward/mean"] == pytest.approx(rewards.mean().item(), abs=1e-5) and metrics["reward/mean"] < 0
     assert algo.config.train.loss.clip_eps == 0.2
+    # what the discriminator made of each sample, kept in the run directory
+    rows = [json.loads(line) for line in (tmp_path / "trajectories" / "inspect_iter0.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert {k: rows[3][k] for k in ("task_id", "step", "expert", "agent", "agrees")} == {
+        "task_id": "0", "step": 1, "expert": "Action: click[buy]", "agent": "Thought: hmm 1.\nAction: search[thing 1]",
+        "agrees": False}
+    assert [r["reward"] for r in rows] == pytest.approx(rewards.tolist(), abs=1e-5)
+    assert [r["advantage"] for r in rows] == [d.advantage for d in data]
+
+
+def test_step_dpo_pairs_only_disagreeing_samples_and_keeps_them_all(tmp_path, tiny_model_dir, segmenter, monkeypatch):
+    """Four practice samples at four expert prefixes: one repeats the expert's action (no pair), one is
+    empty (no pair), two differ (two pairs: expert step vs agent step, token-exact); every sample is
+    written to trajectories/inspect_iter0.jsonl with whether it agreed and whether it was paired."""
+    import algorithms.step_dpo as step_dpo
+    from algorithms.data import step_prefixes
+    from algorithms.step_dpo import Practice, StepDPO, StepDPOConfig
+    from rl_agents.tokenization import encode_step
+
+    experts = [_trajectory(str(k), item, ["Action: search[" + item + "]", "Action: click[buy]"])
+               for k, item in enumerate(["red mug", "blue lamp"])]
+    prompts = [(e, sp) for e in experts for sp in step_prefixes(e)]
+    texts = ["Thought: same.\nAction: SEARCH[red mug]", "Thought: no.\nAction: click[back]", None,
+             "Thought: no.\nAction: search[lamp]"]
+    practices = [Practice(e, sp, segmenter.action_ids(t) if t else []) for (e, sp), t in zip(prompts, texts)]
+    monkeypatch.setattr(step_dpo, "inspect_steps", lambda algo, n, m: practices)
+    algo = StepDPO(StepDPOConfig(model=str(tiny_model_dir), run_dir=str(tmp_path)))
+    seen = _capture_update(algo)
+    metrics = algo.training_step()
+    assert metrics["inspect/steps"] == 4 and metrics["data/pairs"] == 2 and metrics["inspect/expert_agreement"] == 0.25
+    assert seen["data"][0] == (encode_step(experts[0], 1, "Action: click[buy]", segmenter),
+                               encode_step(experts[0], 1, practices[1].action_ids, segmenter))
+    assert seen["data"][1][1] == encode_step(experts[1], 1, practices[3].action_ids, segmenter)
+    rows = [json.loads(line) for line in (tmp_path / "trajectories" / "inspect_iter0.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["step"], r["agrees"], r["paired"]) for r in rows] == [
+        ("0", 0, True, False), ("0", 1, False, True), ("1", 0, False, False), ("1", 1, False, True)]
+    assert rows[1]["agent"] == "Thought: no.\nAction: click[back]" and rows[2]["agent"] == ""
 
 
 # ---- configs ------------------------------------------------------------------------------------
