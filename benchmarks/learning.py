@@ -15,7 +15,10 @@ reference row. Ray resources as the demo: 2 rollout actors × 0.5 CPU × 1 threa
 with `--threads` threads, `ray.init(num_cpus=threads)`.
 
 `--report` runs nothing and writes the tables from the runs finished so far (e.g. while another
-invocation is still running, or to record a partial benchmark).
+invocation is still running, or to record a partial benchmark). A run made from another SFT run than
+the seed's current one is left out, unless `--earlier-sft`: then it is reported with a note naming
+the SFT run it was made from (for a seed whose SFT weights were lost and redone, until its other
+runs are redone from the new SFT).
 
 Resumable: a finished run writes `<out>/<env>/seed<k>/<algo>/result.json` (atomically) and is
 skipped next time. A run that crashes records its error there, the others still run, and the
@@ -241,6 +244,10 @@ def ensure(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, ar
     if made_from(kept, algo, sft) and (args.report or algo != "sft"):
         print(f"  {algo}: done before, skipped (from the records)", flush=True)
         return kept
+    earlier = [r for r in (old, kept) if r and not r.get("error") and r.get("sft_run_id")]
+    if args.report and args.earlier_sft and algo != "sft" and earlier:
+        print(f"  {algo}: made from an earlier SFT run ({earlier[0]['sft_run_id']})", flush=True)
+        return {**earlier[0], "earlier_sft": earlier[0]["sft_run_id"]}
     if args.report:
         print(f"  {algo}: not run (--report)", flush=True)
         return None
@@ -381,6 +388,9 @@ def parse_args(argv: list[str] | None = None):
                    help="directory holding ALFWorld's json_2.1.1/ (default $ALFWORLD_DATA, else ../shared/data/alfworld)")
     p.add_argument("--report", action="store_true", help="run nothing: write the tables and chart from the runs "
                    "finished so far (the rest show as 'not run')")
+    p.add_argument("--earlier-sft", action="store_true", help="with --report: a seed's recorded run made from an "
+                   "earlier SFT run of that seed (same settings; e.g. its weights were lost and the SFT redone) is "
+                   "reported, marked as such, until a run from the current SFT replaces it (default: left out)")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama, 4 tasks, 1 epoch, Best-of-2, "
                    "at most 4 turns: every code path in minutes (numbers meaningless)")
     args = p.parse_args(argv)

@@ -121,6 +121,12 @@ def env_table(env: dict, results: dict, seeds: list[int], algos: list[str]) -> s
         if r and not r.get("error") and r.get("source"):
             sources.setdefault(r["source"], []).append(f"{LABELS[algo]} seed {s}")
     notes += [f"{', '.join(runs)}: {source}" for source, runs in sources.items()]
+    earlier: dict[tuple[int, str], list[str]] = {}  # reported with --earlier-sft
+    for (s, algo), r in sorted(results.items(), key=lambda kv: (kv[0][0], algos.index(kv[0][1]))):
+        if r and r.get("earlier_sft"):
+            earlier.setdefault((s, r["earlier_sft"]), []).append(LABELS[algo])
+    notes += [f"{', '.join(labels)}, seed {s}: made from an earlier SFT run of seed {s} (`{run}`), not from the one "
+              f"in the SFT row (same settings; `--earlier-sft`)" for (s, run), labels in earlier.items()]
     text = "\n".join(lines) + "\n"
     return text + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
 
@@ -130,11 +136,16 @@ def explorations(env_name: str, seeds: list[int], out: Path, results: dict) -> l
     found = []
     for seed in seeds:
         sft, path = results.get((seed, "sft")), out / env_name / f"seed{seed}" / "explore" / "summary.json"
+        # the SFT run whose exploration the table's rows read: the current one, or one reported with --earlier-sft
+        earlier = {r["earlier_sft"] for (s, _), r in results.items() if s == seed and r and r.get("earlier_sft")}
         for summary in (json.loads(path.read_text()) if path.exists() else None, read_record(env_name, seed, "explore")):
             if made_from(summary, "explore", sft):
                 summary.setdefault("sft_policy_sha256", sft.get("policy_sha256"))
                 keep_record(env_name, seed, "explore", summary)
                 found.append(summary)
+                break
+            if summary and summary.get("sft_run_id") in earlier:
+                found.append({**summary, "seed": seed, "earlier_sft": summary["sft_run_id"]})
                 break
     return found
 
@@ -145,7 +156,9 @@ def explore_line(found: list[dict], temperature: float) -> str:
     return (f"SFT agent's shared exploration (T = {temperature}): success "
             f"{_mean_std([f['success_rate'] for f in found], 100, '.1f', '%')}, avg reward "
             f"{_mean_std([f['avg_reward'] for f in found])} over {len(found)} seed(s), "
-            f"{_mean_std([f['seconds'] for f in found], 1 / 60, '.1f')} min each.\n")
+            f"{_mean_std([f['seconds'] for f in found], 1 / 60, '.1f')} min each"
+            + "".join(f"; seed {f['seed']}'s by its earlier SFT run `{f['earlier_sft']}`" for f in found if f.get("earlier_sft"))
+            + ".\n")
 
 
 def bar_chart(per_env: dict, seeds: list[int], algos: list[str], path: Path) -> None:

@@ -94,7 +94,7 @@ def test_a_run_made_from_identical_sft_weights_is_not_redone(learning, tmp_path,
     ran = []
     monkeypatch.setattr(learning, "run_algorithm", lambda hp, *a, **k: ran.append(hp["algo"]) or {"error": "stub"})
     env = {"name": "textshop"}
-    args = SimpleNamespace(report=False, smoke=False, threads=2)
+    args = SimpleNamespace(report=False, earlier_sft=False, smoke=False, threads=2)
     _write(rec / "textshop/seed0/step_dpo.json", _result("step_dpo", 0.7, 0.5, "s0", "sft-lost", sft_policy_sha256="d"))
     redone_sft = {"run_id": "sft-new", "policy_sha256": "d", "policy": str(tmp_path)}
     kept = learning.ensure("step_dpo", env, 0, tmp_path / "out/textshop/seed0", redone_sft, args, {})
@@ -104,3 +104,40 @@ def test_a_run_made_from_identical_sft_weights_is_not_redone(learning, tmp_path,
     assert ran == ["step_dpo"] and result["error"] == "stub"
     # a failed run is not recorded: the record made from the first weights stays
     assert json.loads((rec / "textshop/seed0/step_dpo.json").read_text())["run_id"] == "s0"
+
+
+def test_runs_from_an_earlier_sft_run_are_reported_marked_only_with_earlier_sft(learning, tmp_path):
+    out, rec, md = tmp_path / "out", tmp_path / "records", tmp_path / "results.md"
+    # seed 0's SFT was redone ("sft0-redo"); DPO and the exploration were made from the lost one, RFT is
+    # in the records from the lost one and in --out from the redone one
+    _write(rec / "textshop/seed0/sft.json", _result("sft", 0.2, 0.1, "sft0-redo", None, policy_sha256="d2"))
+    _write(rec / "textshop/seed0/dpo.json", _result("dpo", 0.8, 0.6, "dpo0", "sft0-lost", source="transcribed"))
+    _write(rec / "textshop/seed0/rft.json", _result("rft", 0.9, 0.9, "rft0-old", "sft0-lost"))
+    _write(out / "textshop/seed0/rft/result.json", _result("rft", 0.3, 0.3, "rft0-new", "sft0-redo"))
+    _write(rec / "textshop/seed0/explore.json", {"sft_run_id": "sft0-lost", "seconds": 120.0, "num_tasks": 4,
+                                                "success_rate": 0.25, "avg_reward": 0.25})
+    argv = ["--report", "--envs", "textshop", "--seeds", "0", "--algos", "sft,rft,dpo", "--out", str(out),
+            "--records", str(rec), "--results", str(md)]
+
+    def rows():
+        found = {}
+        for line in md.read_text().splitlines():
+            if line.startswith("| ") and " | " in line:
+                found.setdefault(line.split(" | ")[0].lstrip("| "), line.split(" | "))
+        return found
+
+    assert learning.main(argv) == 0
+    assert rows()["DPO (fixed pairs)"][1] == "—" and "DPO (fixed pairs), seed 0: not run" in md.read_text()
+    assert "SFT agent's shared exploration" not in md.read_text()
+    assert learning.main(argv + ["--earlier-sft"]) == 0
+    text = md.read_text()
+    assert rows()["DPO (fixed pairs)"][1:3] == ["0.800", "80.0"] and rows()["DPO (fixed pairs)"][5] == "1/1"
+    assert rows()["RFT"][1] == "0.300"  # the run from the current SFT, not the earlier one
+    assert ("DPO (fixed pairs), seed 0: made from an earlier SFT run of seed 0 (`sft0-lost`), not from the one in "
+            "the SFT row") in text and "RFT, DPO (fixed pairs), seed 0: made from" not in text
+    assert "DPO (fixed pairs) seed 0: transcribed" in text
+    assert "success 25.0%" in text and "seed 0's by its earlier SFT run `sft0-lost`" in text
+    # nothing from the earlier SFT run is written back into the records as current
+    assert json.loads((rec / "textshop/seed0/rft.json").read_text())["run_id"] == "rft0-new"
+    assert "earlier_sft" not in json.loads((rec / "textshop/seed0/dpo.json").read_text())
+    assert "earlier_sft" not in json.loads((rec / "textshop/seed0/explore.json").read_text())
