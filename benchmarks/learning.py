@@ -244,11 +244,11 @@ def ensure(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, ar
     if made_from(kept, algo, sft) and (args.report or algo != "sft"):
         print(f"  {algo}: done before, skipped (from the records)", flush=True)
         return kept
-    earlier = [r for r in (old, kept) if r and not r.get("error") and r.get("sft_run_id")]
-    if args.report and args.earlier_sft and algo != "sft" and earlier:
-        print(f"  {algo}: made from an earlier SFT run ({earlier[0]['sft_run_id']})", flush=True)
-        return {**earlier[0], "earlier_sft": earlier[0]["sft_run_id"]}
     if args.report:
+        earlier = [r for r in (old, kept) if r and not r.get("error") and r.get("sft_run_id")]
+        if args.earlier_sft and algo != "sft" and earlier:
+            print(f"  {algo}: made from an earlier SFT run ({earlier[0]['sft_run_id']})", flush=True)
+            return {**earlier[0], "earlier_sft": earlier[0]["sft_run_id"]}
         print(f"  {algo}: not run (--report)", flush=True)
         return None
     if algo != "sft" and sft is None:

@@ -117,14 +117,13 @@ def env_table(env: dict, results: dict, seeds: list[int], algos: list[str]) -> s
         wall = _mean_std([r["wall_s"] for r in ok], 1 / 60, ".1f")
         lines.append(f"| {LABELS[algo]} | " + " | ".join(cells) + f" | {len(ok)}/{len(seeds)} | {tasks} | {wall} |")
     sources: dict[str, list[str]] = {}  # records kept from elsewhere say where they come from
+    earlier: dict[tuple[int, str], list[str]] = {}  # runs reported with --earlier-sft, by (seed, SFT run)
     for (s, algo), r in sorted(results.items(), key=lambda kv: (kv[0][0], algos.index(kv[0][1]))):
         if r and not r.get("error") and r.get("source"):
             sources.setdefault(r["source"], []).append(f"{LABELS[algo]} seed {s}")
-    notes += [f"{', '.join(runs)}: {source}" for source, runs in sources.items()]
-    earlier: dict[tuple[int, str], list[str]] = {}  # reported with --earlier-sft
-    for (s, algo), r in sorted(results.items(), key=lambda kv: (kv[0][0], algos.index(kv[0][1]))):
         if r and r.get("earlier_sft"):
             earlier.setdefault((s, r["earlier_sft"]), []).append(LABELS[algo])
+    notes += [f"{', '.join(runs)}: {source}" for source, runs in sources.items()]
     notes += [f"{', '.join(labels)}, seed {s}: made from an earlier SFT run of seed {s} (`{run}`), not from the one "
               f"in the SFT row (same settings; `--earlier-sft`)" for (s, run), labels in earlier.items()]
     text = "\n".join(lines) + "\n"
