@@ -16,7 +16,9 @@ trainable, so a β × γ sweep is one `tune.Tuner` call.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,17 @@ class EnvSection:
     """Evaluate on the first N tasks of each split (None = all)."""
     expert_data: str | None = None
     """JSONL of expert trajectories (rl_agents or ETO/FastChat format); None = replay the env's expert."""
+
+    def __post_init__(self):
+        _check(isinstance(self.env_id, str) and self.env_id.strip() != "", "env.env_id", "must be a non-empty id",
+               self.env_id)
+        for name in ("max_turns", "train_tasks", "eval_tasks"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"env.{name}", "must be >= 1 or null (null = all)", value)
+        _check(bool(self.eval_splits) and all(isinstance(s, str) and s for s in self.eval_splits), "env.eval_splits",
+               "must be a non-empty list of split names", self.eval_splits)
+        _check(self.expert_data is None or self.expert_data != "", "env.expert_data", "must be a file or null",
+               self.expert_data)
 
 
 @dataclass
@@ -86,10 +99,19 @@ class RolloutSection:
     tasks are ignored. None = sample with the current policy."""
 
     def __post_init__(self):
-        if self.num_workers < 1:
-            raise ConfigError(f"rollout.num_workers: must be >= 1, got {self.num_workers}")
-        if self.temperature < 0:
-            raise ConfigError(f"rollout.temperature: must be >= 0, got {self.temperature}")
+        _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1", self.num_workers)
+        _check(self.envs_per_worker >= 1, "rollout.envs_per_worker", "must be >= 1", self.envs_per_worker)
+        _check(self.num_cpus_per_worker > 0, "rollout.num_cpus_per_worker", "must be > 0", self.num_cpus_per_worker)
+        _check(self.threads_per_worker is None or self.threads_per_worker >= 1, "rollout.threads_per_worker",
+               "must be >= 1 or null", self.threads_per_worker)
+        _check(self.num_gpus_per_worker >= 0, "rollout.num_gpus_per_worker", "must be >= 0", self.num_gpus_per_worker)
+        _check(math.isfinite(self.temperature) and self.temperature >= 0, "rollout.temperature",
+               "must be a finite number >= 0", self.temperature)
+        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        _check(self.max_context > self.max_new_tokens, "rollout.max_context",
+               f"must be > rollout.max_new_tokens ({self.max_new_tokens})", self.max_context)
+        _check(self.samples_per_task >= 1, "rollout.samples_per_task", "must be >= 1", self.samples_per_task)
         owned = {"model", "dtype", "device"} & set(self.engine_kwargs)
         if owned:
             raise ConfigError(f"rollout.engine_kwargs: {sorted(owned)} are set by rollout.dtype and the run "
@@ -132,6 +154,14 @@ class AlgorithmConfig:
     seed: int = 0
 
     algo: ClassVar[str] = ""
+
+    def __post_init__(self):
+        _check(isinstance(self.model, str) and self.model.strip() != "", "model", "must be a checkpoint dir or alias",
+               self.model)
+        _check(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
+        _check(self.evaluate_every >= 0, "evaluate_every", "must be >= 0 (0 = only at the end)", self.evaluate_every)
+        _check(isinstance(self.run_dir, str) and self.run_dir.strip() != "", "run_dir", "must be a directory path",
+               self.run_dir)
 
     # ---- builder (RLlib style) --------------------------------------------------------------
     def environment(self, env_id: str | None = None, **kwargs) -> AlgorithmConfig:
@@ -176,6 +206,17 @@ class AlgorithmConfig:
             setattr(obj, f.name, getattr(new, f.name))
 
 
+def _check(ok: bool, key: str, msg: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}, got {value!r}")
+
+
+def check_positive(value: float, key: str) -> None:
+    """β-like values: finite and > 0 (`inf` and `nan` are not)."""
+    _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key, "must be a finite number > 0",
+           value)
+
+
 ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
@@ -200,6 +241,9 @@ class Algorithm:
         self._group = None
         self._experts: dict[str, Trajectory] | None = None
         self._segmenter = None
+        self.resuming = False
+        """Set by `rl-agents train` when it continues a run in its run_dir: an interrupted
+        iteration's exploration file is then reused, not sampled again."""
 
     # ---- the one thing subclasses write ------------------------------------------------------
     def training_step(self) -> dict[str, Any]:
@@ -245,9 +289,16 @@ class Algorithm:
         state = json.loads((Path(path) / "state.json").read_text())
         algo_cls = ALGORITHMS[state["algo"]]
         algo = algo_cls(from_dict(algo_cls.config_class, state["config"]))
-        algo.iteration, algo.policy, algo.history = state["iteration"], state["policy"], state["history"]
-        algo._restored(Path(path))
+        algo.load_state(path)
         return algo
+
+    def load_state(self, path: str | Path) -> None:
+        """Continue from `save()`'s directory: iteration, policy and history (config as it is)."""
+        state = json.loads((Path(path) / "state.json").read_text())
+        if state["algo"] != self.config.algo:
+            raise ConfigError(f"{path}/state.json is a {state['algo']} run, not {self.config.algo}")
+        self.iteration, self.policy, self.history = state["iteration"], state["policy"], state["history"]
+        self._restored(Path(path))
 
     def _restored(self, path: Path) -> None:
         """Hook: load a subclass's extra state saved next to `state.json` (e.g. a discriminator)."""
@@ -321,14 +372,13 @@ class Algorithm:
         """Expert trajectory per train task (from `env.expert_data`, else replayed in the env)."""
         if self._experts is None:
             env = self.config.env
-            cache = self.run_dir / "experts.jsonl"
+            # The replayed experts are cached per what made them (env, its arguments, the train tasks).
+            key = json.dumps({"env_id": env.env_id, "env_kwargs": env.env_kwargs, "train_tasks": env.train_tasks},
+                             sort_keys=True, default=str)
+            cache = self.run_dir / f"experts-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
             if env.expert_data:
-                from rl_agents.trajectory import TrajectoryFormatError, read_conversations
-
-                try:
-                    trajs = read_jsonl(env.expert_data)
-                except TrajectoryFormatError:
-                    trajs = read_conversations(env.expert_data, env_id=env.env_id)
+                # Either format; fails here, before any work, naming file:line (no agent turn: nothing to train on).
+                trajs = load_expert_file(env.expert_data, env.env_id)
             elif cache.exists():
                 trajs = read_jsonl(cache)
             else:
@@ -348,11 +398,15 @@ class Algorithm:
         r = self.config.rollout
         if r.explore_data and self.iteration == 0:
             experts = self.experts()
-            trajs = [t for t in read_jsonl(r.explore_data) if t.task_id in experts]
+            trajs = [t for t in load_expert_file(r.explore_data, self.config.env.env_id, need_agent_turns=False)
+                     if t.task_id in experts]
             if not trajs:
                 raise ValueError(f"rollout.explore_data: {r.explore_data} has no trajectory of this run's train tasks")
             write_jsonl(self.run_dir / "trajectories" / f"explore_iter{self.iteration}.jsonl", trajs)
             return trajs
+        path = self.run_dir / "trajectories" / f"explore_iter{self.iteration}.jsonl"
+        if self.resuming and path.exists():  # an interrupted iteration: train on what it explored
+            return read_jsonl(path)
         tasks = make_tasks(list(self.experts()), r.samples_per_task, seed=self.config.seed * 1000 + self.iteration, split="train")
         sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                                   seed=self.config.seed + self.iteration)
@@ -366,7 +420,8 @@ class Algorithm:
         from rl_agents.train import train
 
         cfg = dataclasses.replace(self.config.train, model=dataclasses.replace(self.config.train.model, path=self.policy),
-                                  storage_path=str(self.run_dir / "train"), name=f"iter{self.iteration}-{objective}",
+                                  storage_path=str(self.run_dir / "train"),
+                                  name=f"iter{self.iteration}-{objective}-{data_digest(data)[:10]}",
                                   seed=self.config.train.seed + self.config.seed)  # the run seed reaches the trainer
         if self._group is not None:
             self._group.release_cache()  # the rollout actors stay up beside the trainer: give it their cache
@@ -387,6 +442,36 @@ class Algorithm:
         from rl_agents.models import load_model
 
         return float(self._group.check_weight_sync(load_model(self.policy)))
+
+
+def load_expert_file(path: str, env_id: str, *, need_agent_turns: bool = True) -> list[Trajectory]:
+    """Trajectories of a data file (`env.expert_data`, `rollout.explore_data`) in either format,
+    checked before any work: format errors, trajectories without an agent turn and task ids no
+    env could have (NUL, surrogates, huge) raise `TrajectoryFormatError` naming file:line."""
+    from envs.base import TaskIdError, check_task_id
+    from rl_agents.trajectory import TrajectoryFormatError, read_trajectories, require_agent_turns, source_of
+
+    trajs = read_trajectories(path, env_id=env_id)
+    if need_agent_turns:
+        trajs = require_agent_turns(trajs, path)
+    for t in trajs:
+        try:
+            check_task_id(t.task_id)
+        except TaskIdError as e:
+            raise TrajectoryFormatError(f"{source_of(t)}: field 'task_id': {e}") from None
+    return trajs
+
+
+def data_digest(data: list) -> str:
+    """sha256 of an update's training data. It names the update's Ray Train run, so that a re-run
+    on the same data (a resumed `rl-agents train`) continues that run from its last checkpoint, and
+    a run on other data never resumes a checkpoint that is not its own."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for example in data:
+        h.update(repr(example).encode())
+    return h.hexdigest()
 
 
 SYNC_CHECK_MAX_BYTES = 2 * 2**30
@@ -411,21 +496,29 @@ def _link(link: Path, target: str) -> None:
 
 
 def merge_lora(base: str, adapter: str, out: str | Path) -> str:
-    """Merge a peft adapter into its base model; save full safetensors in HF layout (atomic dir)."""
+    """Merge a peft adapter into its base model; save full safetensors in HF layout.
+
+    Built in a temporary sibling directory and swapped in atomically (`fileio.replace_dir`): a
+    failure leaves the old `out` (if any) and no temporary directory behind."""
     import shutil
-    import tempfile
 
     from peft import PeftModel
 
+    from rl_agents.fileio import fix_modes, make_tmp_dir, replace_dir, write_error
     from rl_agents.models import load_model, load_tokenizer
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    merged = PeftModel.from_pretrained(load_model(base), adapter).merge_and_unload()
-    merged.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(base).save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
+    tmp = make_tmp_dir(out.parent, out.name)
+    try:
+        merged = PeftModel.from_pretrained(load_model(base), adapter).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(base).save_pretrained(tmp)
+        fix_modes(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
     return str(out)

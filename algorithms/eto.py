@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
+from algorithms.base import Algorithm, AlgorithmConfig, check_positive, register_algorithm
 from algorithms.data import is_noisy, trajectory_pairs
 from algorithms.imitation import _fit_batch, explore_metrics
 from rl_agents.config import ConfigError
@@ -43,8 +43,10 @@ class ETOConfig(AlgorithmConfig):
     algo = "eto"
 
     def __post_init__(self):
-        if not self.beta > 0:
-            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        super().__post_init__()
+        check_positive(self.beta, "beta")
+        if self.max_rejected_steps is not None and self.max_rejected_steps < 1:
+            raise ConfigError(f"max_rejected_steps: must be >= 1 or null (no cap), got {self.max_rejected_steps}")
 
 
 @register_algorithm
@@ -58,14 +60,14 @@ class ETO(Algorithm):
         return pairs, explore_metrics(explored)
 
     def training_step(self) -> dict[str, Any]:
-        from rl_agents.tokenization import encode_trajectory
+        from algorithms.data import context_length, encode_pairs
 
         pairs, metrics = self.pairs()
         metrics["data/pairs"] = len(pairs)
         if not pairs:  # nothing to contrast: the policy matched the experts everywhere
             return metrics
         seg = self.segmenter()
-        data = [(encode_trajectory(c, seg), encode_trajectory(r, seg)) for c, r in pairs]
+        data = encode_pairs(pairs, seg, context_length(self.policy))  # drops (and names) pairs over the context
         self.config.train.loss.beta = self.config.beta
         if hasattr(self.config, "gamma"):
             self.config.train.loss.gamma = self.config.gamma

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
-from algorithms.data import successful
+from algorithms.data import context_length, encode_trajectories, successful
 from rl_agents.train.config import OptimConfig, TrainConfig
 
 
@@ -32,10 +32,8 @@ class SFT(Algorithm):
     config_class = SFTConfig
 
     def training_step(self) -> dict[str, Any]:
-        from rl_agents.tokenization import encode_trajectory
-
         experts = list(self.experts().values())
-        data = [encode_trajectory(t, self.segmenter()) for t in experts]
+        data = encode_trajectories(experts, self.segmenter(), context_length(self.policy), what="expert trajectories")
         metrics = self.update("sft", _fit_batch(self, data))
         metrics["data/sft_examples"] = len(data)
         return metrics
@@ -53,11 +51,9 @@ class RFT(Algorithm):
     config_class = RFTConfig
 
     def training_step(self) -> dict[str, Any]:
-        from rl_agents.tokenization import encode_trajectory
-
         explored = self.explore()
         own = successful(explored)
-        data = [encode_trajectory(t, self.segmenter()) for t in list(self.experts().values()) + own]
+        data = encode_trajectories(list(self.experts().values()) + own, self.segmenter(), context_length(self.policy))
         metrics = self.update("sft", _fit_batch(self, data))
         metrics.update({"data/sft_examples": len(data), "data/own_successes": len(own), **explore_metrics(explored)})
         return metrics

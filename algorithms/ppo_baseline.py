@@ -66,6 +66,7 @@ class PPOConfig(AlgorithmConfig):
     algo = "ppo"
 
     def __post_init__(self):
+        super().__post_init__()
         check_ppo_fields(self)
         if self.rollout.samples_per_task < 2:
             raise ConfigError(f"rollout.samples_per_task: PPO's baseline is the mean reward of a task's samples, "

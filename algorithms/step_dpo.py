@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
+from algorithms.base import Algorithm, AlgorithmConfig, check_positive, register_algorithm
 from algorithms.data import StepPrompt, step_prefixes
 from algorithms.imitation import _fit_batch
 from rl_agents.config import ConfigError
@@ -46,8 +46,8 @@ class StepDPOConfig(AlgorithmConfig):
     algo = "step_dpo"
 
     def __post_init__(self):
-        if not self.beta > 0:
-            raise ConfigError(f"beta: must be > 0, got {self.beta}")
+        super().__post_init__()
+        check_positive(self.beta, "beta")
         if self.practice_samples < 1:
             raise ConfigError(f"practice_samples: must be >= 1, got {self.practice_samples}")
 
@@ -137,6 +137,7 @@ class StepDPO(Algorithm):
         return inspect_steps(self, self.config.practice_samples, self.config.max_steps_per_task)
 
     def training_step(self) -> dict[str, Any]:
+        from algorithms.data import context_length, step_source, within_context
         from rl_agents.tokenization import encode_step
 
         seg = self.segmenter()
@@ -149,6 +150,11 @@ class StepDPO(Algorithm):
             if paired[-1]:
                 data.append((encode_step(expert, sp.step, sp.expert_turn.text, seg),
                              encode_step(expert, sp.step, agent_ids, seg)))
+        pos = [i for i, ok in enumerate(paired) if ok]  # data[j] came from samples[pos[j]]
+        keep = within_context(data, [step_source(samples[i].expert, samples[i].prompt.step) for i in pos],
+                              context_length(self.policy), what="step pairs")  # drops (and names) the too long
+        kept = {pos[j] for j in keep}
+        data, paired = [data[j] for j in keep], [i in kept for i in range(len(samples))]
         write_inspection(self, samples, agrees, paired=paired)
         metrics: dict[str, Any] = {"inspect/steps": len(samples),
                                    "inspect/expert_agreement": sum(agrees) / max(len(samples), 1), "data/pairs": len(data)}

@@ -234,6 +234,7 @@ class StepGAILConfig(AlgorithmConfig):
     algo = "step_gail"
 
     def __post_init__(self):
+        super().__post_init__()
         check_ppo_fields(self)
         if self.practice_samples < 2:
             raise ConfigError(f"practice_samples: the baseline is the mean reward of a prefix's samples, "
@@ -305,6 +306,7 @@ class StepGAIL(Algorithm):
 
     # ---- one iteration -----------------------------------------------------------------------
     def training_step(self) -> dict[str, Any]:
+        from algorithms.data import context_length, step_source, within_context
         from algorithms.ppo import step_advantages
         from algorithms.stepagent import gail_reward
         from rl_agents.batches import PPOExample
@@ -327,6 +329,13 @@ class StepGAIL(Algorithm):
                 expert_seqs.append(encode_step(p.expert, p.prompt.step, p.prompt.expert_turn.text, seg))
             groups.append(prefixes[key])
             agent_seqs.append(encode_step(p.expert, p.prompt.step, p.action_ids, seg))
+        keep = within_context([(expert_seqs[g], a) for g, a in zip(groups, agent_seqs)],
+                              [step_source(p.expert, p.prompt.step) for p in samples], context_length(self.policy),
+                              what="practice steps")  # drops (and names) the steps over the policy's context
+        if len(keep) < len(samples):
+            samples, agrees, agent_seqs = ([x[i] for i in keep] for x in (samples, agrees, agent_seqs))
+            used = sorted({groups[i] for i in keep})
+            expert_seqs, groups = [expert_seqs[g] for g in used], [used.index(groups[i]) for i in keep]
 
         backbone = self.backbone()
         pad_id = backbone.config.pad_token_id or 0

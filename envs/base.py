@@ -26,6 +26,7 @@ worker restarts the env and records the episode as an error.
 from __future__ import annotations
 
 import string
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,36 @@ def sanitize(text: str, max_length: int = MAX_TEXT) -> str:
     if not all(c in TEXT_CHARSET for c in text):
         text = "".join(c if c in TEXT_CHARSET else "?" for c in text)
     return text[:max_length]
+
+
+MAX_TASK_ID = 256
+_WARNED: set = set()
+
+
+def warn_once(key, message: str) -> None:
+    """A warning printed once per `key` and process (a rollout worker resets thousands of episodes)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+class TaskIdError(ValueError):
+    """A task id that no env could have (empty, huge, control characters, surrogates)."""
+
+
+def check_task_id(task_id: Any) -> str:
+    """A task id as a string, or a ValueError naming the problem (never echoing a huge id back):
+    at most 256 printable characters, no NUL or other control characters, no lone surrogates."""
+    task_id = str(task_id)
+    shown = repr(task_id[:40]) + (f"... ({len(task_id)} characters)" if len(task_id) > 40 else "")
+    if not task_id:
+        raise TaskIdError("task id is empty")
+    if len(task_id) > MAX_TASK_ID:
+        raise TaskIdError(f"task id {shown} is too long (at most {MAX_TASK_ID} characters)")
+    bad = next((c for c in task_id if not c.isprintable() or 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is not None:
+        raise TaskIdError(f"task id {shown} contains the character {bad!r}, which no task id has")
+    return task_id
 
 
 class TextEnv(gym.Env[str, str]):
@@ -123,7 +154,13 @@ class TextEnv(gym.Env[str, str]):
         if task_id is None:
             tasks = self.list_tasks(self.split)
             task_id = tasks[int(self.np_random.integers(len(tasks)))]
-        task_id = str(task_id)
+        task_id = check_task_id(task_id)
+        home = self._split_of(task_id)
+        if home is not None and home != self.split:
+            warn_once((type(self).__name__, home, self.split),
+                      f"{type(self).__name__}: task {task_id!r} belongs to split {home!r}, not to this env's split "
+                      f"{self.split!r}" + (" (a train run is using a test task)" if self.split == "train" else "")
+                      + "; said once per pair of splits")
         obs, instruction, extra = self._reset_task(task_id)
         self.task_id, self.instruction = task_id, instruction
         self._turn, self._progress, self._done = 0, 0.0, False
@@ -134,7 +171,23 @@ class TextEnv(gym.Env[str, str]):
         self._last_obs = sanitize(obs)
         info = {"task_id": task_id, "instruction": instruction, "score": 0.0, "won": False,
                 "reward_total": 0.0, "max_turns": self._budget, **extra}
+        if home is not None and home != self.split:
+            info["task_split"] = home
         return self._last_obs, info
+
+    def _split_of(self, task_id: str) -> str | None:
+        """The split listing `task_id` (this env's own first), or None; the lists are read once."""
+        if not hasattr(self, "_split_sets"):
+            self._split_sets: dict[str, frozenset[str]] = {}
+        for split in (self.split, *[s for s in self.splits if s != self.split]):
+            if split not in self._split_sets:
+                try:
+                    self._split_sets[split] = frozenset(self.list_tasks(split))
+                except Exception:  # an env may not list every split (e.g. data not installed)
+                    self._split_sets[split] = frozenset()
+            if task_id in self._split_sets[split]:
+                return split
+        return None
 
     def step(self, action: str):
         if self._done:

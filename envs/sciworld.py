@@ -36,7 +36,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import shutil
@@ -82,20 +81,36 @@ def _clean_input(text: str) -> str:
 
 
 def start_simulator(deterministic: bool = True):
-    """A `scienceworld.ScienceWorldEnv` (one JVM); `deterministic` starts the JVM with
-    `DETERMINISTIC_JVM_OPTS` (scienceworld has no parameter for JVM options, so we pass them
-    to its `launch_gateway` call)."""
+    """A `scienceworld.ScienceWorldEnv` (one JVM) whose py4j gateway requires an auth token.
+
+    scienceworld starts the JVM's py4j gateway without authentication, so any local user could
+    connect to its port and drive the JVM (py4j can call any Java method). We launch it with
+    py4j's `enable_auth` and hand the token to both directions of the connection (the gateway
+    client and the Python callback server). scienceworld has no parameters for either, nor for
+    JVM options (`deterministic` starts the JVM with `DETERMINISTIC_JVM_OPTS`), so its
+    `launch_gateway`, `GatewayParameters` and `CallbackServerParameters` are wrapped for the
+    duration of the call (under a lock: the wrapping is module-global)."""
     import scienceworld.scienceworld as sw
 
-    if not deterministic or sw.DEBUG_MODE:  # debug mode passes its own JVM options
-        return sw.ScienceWorldEnv("", envStepLimit=10**9)
+    javaopts = list(DETERMINISTIC_JVM_OPTS) if deterministic and not sw.DEBUG_MODE else None
     with _launch_lock:
-        launch = sw.launch_gateway
-        sw.launch_gateway = functools.partial(launch, javaopts=list(DETERMINISTIC_JVM_OPTS))
+        launch, gateway_params, callback_params = sw.launch_gateway, sw.GatewayParameters, sw.CallbackServerParameters
+        token: list[str] = []
+
+        def launch_with_auth(*args, **kwargs):
+            if javaopts is not None:
+                kwargs["javaopts"] = javaopts
+            port, auth_token, proc = launch(*args, **{**kwargs, "enable_auth": True, "return_proc": True})
+            token.append(auth_token)
+            return port, proc
+
+        sw.launch_gateway = launch_with_auth
+        sw.GatewayParameters = lambda *a, **k: gateway_params(*a, **{**k, "auth_token": token[0]})
+        sw.CallbackServerParameters = lambda *a, **k: callback_params(*a, **{**k, "auth_token": token[0]})
         try:
             return sw.ScienceWorldEnv("", envStepLimit=10**9)
         finally:
-            sw.launch_gateway = launch
+            sw.launch_gateway, sw.GatewayParameters, sw.CallbackServerParameters = launch, gateway_params, callback_params
 
 
 def shorten_gold_path(actions: list[str], *, teleport: bool = True, wait: bool = True,

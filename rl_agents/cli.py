@@ -22,6 +22,8 @@ from pathlib import Path
 import gymnasium as gym
 
 import envs
+from envs.base import TaskIdError
+from rl_agents.fileio import WriteError
 from rl_agents.trajectory import TrajectoryFormatError
 
 
@@ -131,29 +133,49 @@ def cmd_data_experts(args) -> int:
 
 
 def cmd_data_convert(args) -> int:
-    from rl_agents.trajectory import read_conversations, read_jsonl, write_conversations, write_jsonl
+    from rl_agents.trajectory import read_trajectories, write_conversations, write_jsonl
 
-    try:
-        trajs = read_jsonl(args.inp)
-    except TrajectoryFormatError:
-        trajs = read_conversations(args.inp, env_id=args.env_id or "")
+    trajs = read_trajectories(args.inp, env_id=args.env_id or "", record_source=False)  # errors: before any write
     (write_conversations if args.to == "conversation" else write_jsonl)(args.out, trajs)
     print(f"wrote {len(trajs)} trajectories to {args.out} ({args.to})")
     return 0
 
 
 def cmd_train(args) -> int:
-    from algorithms.runner import load_algorithm_config, run
+    from algorithms.runner import load_algorithm_config, preflight, run
     from rl_agents.config import ConfigError
 
     try:
         cfg = load_algorithm_config(args.config, args.overrides)
+        preflight(cfg)
     except ConfigError as e:  # before any work starts
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    rows = run(cfg, evaluate_base=not args.no_start_eval)
+    try:
+        rows = run(cfg, evaluate_base=not args.no_start_eval)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {_where_stopped(cfg)}; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print((Path(cfg.run_dir) / "results.md").read_text() if rows else "no results")
     return 0
+
+
+def _where_stopped(cfg) -> str:
+    """'runs/x stopped in iteration 2 of 3 (1 finished, kept in runs/x/state.json)'."""
+    state = Path(cfg.run_dir) / "state.json"
+    try:
+        done = json.loads(state.read_text())["iteration"]
+    except (OSError, ValueError, KeyError):
+        done = 0
+    if done >= cfg.iterations:
+        return f"{cfg.run_dir} stopped after its {done} iterations, in the final evaluation"
+    kept = f", kept in {state}" if done else ""
+    return (f"{cfg.run_dir} stopped in iteration {done + 1} of {cfg.iterations} ({done} finished{kept}; "
+            f"its training resumes from its last checkpoint, every train.checkpoint_every="
+            f"{cfg.train.checkpoint_every} steps)")
 
 
 def cmd_eval(args) -> int:
@@ -267,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except TrajectoryFormatError as e:
+    except (TrajectoryFormatError, TaskIdError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ value of the wrong type raises `ConfigError` naming the dotted key (e.g. `train.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -101,10 +102,27 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        raise ConfigError(full_key_message(str(e), prefix)) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+
+
+_KEY = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
+
+
+def full_key_message(msg: str, prefix: str) -> str:
+    """A nested config's `__post_init__` names its fields relative to itself (`optim.lr`, or
+    `num_workers` inside `TrainConfig`); prefix them with where the config sits (`train.optim.lr`)."""
+    m = _KEY.match(msg)
+    if not prefix or not m:
+        return msg
+    key, parts = m.group(1), prefix.rstrip(".").split(".")
+    for k in range(len(parts) + 1):  # the longest overlap of the prefix's tail with the key's head
+        tail = ".".join(parts[k:])
+        if not tail or key == tail or key.startswith(tail + "."):
+            return ".".join(parts[:k] + [key]) + msg[len(key):]
+    return msg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -136,15 +154,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping; a missing, unreadable, non-UTF-8, empty or non-mapping
+    file raises `ConfigError` naming it."""
+    from rl_agents.fileio import read_utf8
+
+    text = read_utf8(path, ConfigError, kind="config file")
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f":{where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}{at}: invalid YAML: {' '.join(str(e).split())}") from None
+    if loaded is None:
+        raise ConfigError(f"{path}: the config file is empty (expected a mapping such as `algo: sft`)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """YAML file (optional) + overrides -> validated `cls`."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data = loaded or {}
+    data = read_yaml_mapping(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides or []))

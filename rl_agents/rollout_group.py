@@ -53,7 +53,8 @@ class RolloutGroup:
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.chunk_size = chunk_size or 2 * config.num_envs
         self.max_restarts, self.max_task_attempts, self.progress = max_restarts, max_task_attempts, progress
-        self.restarts = 0
+        self.restarts = 0  # in the current `run`/`iter_results` call: `max_restarts` is a per-call limit
+        self.total_restarts = 0
         self.weights_path: str | None = None
         self._actor_cls = ray.remote(RolloutWorker)
         self.placement_group = None
@@ -82,8 +83,9 @@ class RolloutGroup:
         import ray
 
         self.restarts += 1
+        self.total_restarts += 1
         if self.restarts > self.max_restarts:
-            raise RuntimeError(f"rollout workers died {self.restarts} times (max_restarts={self.max_restarts})")
+            raise RuntimeError(f"rollout workers died {self.restarts} times in one call (max_restarts={self.max_restarts})")
         ray.kill(self.workers[index], no_restart=True)
         self.workers[index] = self._spawn(index)
 
@@ -115,6 +117,7 @@ class RolloutGroup:
         from tqdm import tqdm
 
         wanted = {self._key(t): t for t in tasks}
+        self.restarts = 0
         if len(wanted) != len(tasks):
             raise ValueError("tasks must have unique (split, task_id, sample_index) keys")
         # Chunks no larger than an even share per worker, so a small call still keeps every worker busy.

@@ -36,6 +36,18 @@ and -1 elsewhere (batches.py). A rollout worker fills `Turn.token_ids` like this
     obs_ids = seg.close_turn_ids(generated) + seg.observation_ids(observation)  # next user turn
     context += generated + obs_ids
 
+Text never becomes control tokens. A special-token string written *as text* (`<|im_end|>` in an
+env observation, an expert's turn or the system prompt) would tokenise to the real control token
+and let that text close turns or open new ones. So message content and agent-turn text are
+encoded with special tokens split (`split_special_tokens=True`: ordinary sub-word tokens that
+decode to the same text), and only the template's own scaffolding is special. When no content
+holds a special-token string the ids are today's plain encoding of the rendering (fast path).
+Otherwise the chat is rendered once more with a placeholder per message's content; the real
+rendering must equal that one with the contents (or, for templates that `trim`, the stripped
+contents) put back, else ValueError (the template rewrites content in a way that cannot be traced);
+then the template's text is cut at its special tokens (encoded as their ids) and each text run
+between them, content included, is encoded with special tokens split.
+
 Where the tokenizer's pre-tokeniser merges whitespace across the generation-prompt boundary
 (e.g. a Llama-3 template on a GPT-2-regex tokenizer: `"\\n\\n"` alone is one token, `"\\n\\nThought"`
 is three), re-tokenising the full chat gives different ids than the policy saw; this module gives
@@ -44,12 +56,15 @@ the policy's ids (tested).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from rl_agents.batches import EncodedSequence
 from rl_agents.trajectory import Trajectory, Turn
 
 _SENTINEL = "RLAGENTSxq7SENTINEL"  # stands for an assistant turn's content in probe renderings
+_PLACEHOLDER = "RLAGENTSph{}Q"  # stands for message i's content when tracing what the template wrote
+_PLACEHOLDER_RE = re.compile(r"RLAGENTSph(\d+)Q")
 
 
 class ChatSegmenter:
@@ -61,6 +76,11 @@ class ChatSegmenter:
 
     def __init__(self, tokenizer, *, end_of_turn: str | None = None):
         self.tokenizer = tokenizer
+        added = {t.content: t for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        self._special_tokens = added  # special-token string -> AddedToken (its lstrip/rstrip), if known
+        strings = sorted({*tokenizer.all_special_tokens, *added} - {""}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, strings))) if strings else None
+        # end-of-turn detection and the `end_of_turn=` override encode special tokens on purpose
         if end_of_turn is not None:
             self.end_of_turn_ids = self._encode(end_of_turn)
         else:
@@ -78,7 +98,7 @@ class ChatSegmenter:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """system/user messages -> ids of the whole context through the assistant generation prompt."""
         _check_prompt(messages)
-        return self._encode(self._render(messages, add_generation_prompt=True))
+        return self._chat_ids(messages, add_generation_prompt=True)
 
     def observation_ids(self, text: str) -> list[int]:
         """ids that follow a finished assistant turn (one ending in end_of_turn_ids): the template's
@@ -95,7 +115,13 @@ class ChatSegmenter:
     def followup_ids(self, messages: list[dict]) -> list[int]:
         """Like `observation_ids` for any run of system/user messages after an assistant turn."""
         _check_prompt(messages)
-        ids = self._encode(self._after_assistant_turn(messages))
+        if not self._has_special(messages):
+            ids = self._encode(self._after_assistant_turn(messages))
+        else:
+            probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _SENTINEL}, *messages]
+            pieces = self._pieces(probe, add_generation_prompt=True)
+            cut = next(k for k, (_, i) in enumerate(pieces) if i == 1)  # right after the assistant's content
+            ids = self._encode_pieces(pieces[cut + 1:])
         n = len(self.end_of_turn_ids)
         if ids[:n] != self.end_of_turn_ids:
             raise ValueError(f"the chat template does not close an assistant turn with {self.end_of_turn_ids} "
@@ -103,16 +129,18 @@ class ChatSegmenter:
         return ids[n:]
 
     def action_ids(self, text: str) -> list[int]:
-        """Ids of an agent turn given as text: what a policy generating `text` then stopping emits."""
-        return self._encode(text) + self.end_of_turn_ids
+        """Ids of an agent turn given as text: what a policy generating `text` then stopping emits
+        (special-token strings in `text` stay text)."""
+        return self._encode_text(text) + self.end_of_turn_ids
 
     def prompt_turn_ids(self, messages: list[dict]) -> list[list[int]]:
         """`prompt_ids(messages)` split into one span per message (see module docstring)."""
         full = self.prompt_ids(messages)
+        safe = self._has_special(messages)  # the prefixes take the same path as the whole
         spans, start = [], 0
         for i in range(1, len(messages)):
             try:
-                prefix = self._encode(self._render(messages[:i], add_generation_prompt=False))
+                prefix = self._chat_ids(messages[:i], add_generation_prompt=False, safe=safe)
             except Exception:  # templates may reject a partial conversation (e.g. system only)
                 prefix = None
             if prefix is None or len(prefix) < start or full[:len(prefix)] != prefix:
@@ -122,7 +150,75 @@ class ChatSegmenter:
         return spans + [full[start:]]
 
     def _encode(self, text: str) -> list[int]:
+        """Plain `encode`: special-token strings in `text` become special tokens (scaffolding only)."""
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Text -> ids with special-token strings in it encoded as ordinary sub-word tokens."""
+        if not self._has_special_text(text):
+            return self._encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def _has_special_text(self, text) -> bool:
+        return self._special_re is not None and isinstance(text, str) and self._special_re.search(text) is not None
+
+    def _has_special(self, messages: Sequence[dict]) -> bool:
+        return any(self._has_special_text(m.get("content")) for m in messages)
+
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool, safe: bool | None = None) -> list[int]:
+        """Ids of the rendering of `messages`, content kept as text (fast path: no special string in it)."""
+        if not (self._has_special(messages) if safe is None else safe):
+            return self._encode(self._render(messages, add_generation_prompt))
+        return self._encode_pieces(self._pieces(messages, add_generation_prompt))
+
+    def _pieces(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, int]]:
+        """The rendering of `messages` as [(text, i)]: template text (i = -1) and message i's content as
+        the template wrote it, checked to concatenate to the real rendering."""
+        contents = [m.get("content") for m in messages]
+        if not all(isinstance(c, str) for c in contents):
+            raise ValueError("cannot keep special-token strings as text in non-string message content")
+        if any(_PLACEHOLDER_RE.search(c) for c in contents):
+            raise ValueError(f"message content contains the reserved placeholder pattern {_PLACEHOLDER_RE.pattern!r}")
+        real = self._render(messages, add_generation_prompt)
+        traced = self._render([{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)],
+                              add_generation_prompt)
+        parts = _PLACEHOLDER_RE.split(traced)  # template text, index, template text, ..., template text
+        literals = parts[0::2]
+        if [int(i) for i in parts[1::2]] != list(range(len(messages))):
+            raise ValueError("cannot keep special-token strings in message content as text: the chat template does "
+                             "not write each message's content exactly once, in order")
+        written = _align(real, literals, contents)
+        if written is None:
+            raise ValueError("cannot keep special-token strings in message content as text: the chat template "
+                             "rewrites the content (beyond stripping whitespace), so the text cannot be traced")
+        pieces = [(literals[0], -1)]
+        for i, text in enumerate(written):
+            pieces += [(text, i), (literals[i + 1], -1)]
+        return pieces
+
+    def _encode_pieces(self, pieces: Sequence[tuple[str, int]]) -> list[int]:
+        """Template text cut at its special tokens (their ids); each text run between them, content
+        included, encoded with special tokens split."""
+        runs: list[str | tuple[str]] = [""]  # text runs, and (special token,) between them
+        for text, i in pieces:
+            parts = [text] if i >= 0 else self._special_re.split(text) if self._special_re else [text]
+            specials = [] if i >= 0 else self._special_re.findall(text) if self._special_re else []
+            runs[-1] += parts[0]
+            for tok, after in zip(specials, parts[1:]):
+                runs += [(tok,), after]
+        for k in range(1, len(runs), 2):  # what the tokenizer does around an lstrip/rstrip special token
+            added = self._special_tokens.get(runs[k][0])
+            if added is not None and added.lstrip:
+                runs[k - 1] = runs[k - 1].rstrip()
+            if added is not None and added.rstrip:
+                runs[k + 1] = runs[k + 1].lstrip()
+        ids: list[int] = []
+        for k, run in enumerate(runs):
+            if k % 2:
+                ids.append(self.tokenizer.convert_tokens_to_ids(run[0]))
+            elif run:
+                ids += self.tokenizer.encode(run, add_special_tokens=False, split_special_tokens=True)
+        return ids
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -132,6 +228,24 @@ class ChatSegmenter:
         probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _SENTINEL}, *messages]
         text = self._render(probe, add_generation_prompt=True)
         return text[text.index(_SENTINEL) + len(_SENTINEL):]
+
+
+def _align(real: str, literals: list[str], contents: list[str]) -> list[str] | None:
+    """How the template wrote each content: `real == literals[0] + w[0] + literals[1] + ... + literals[-1]`
+    with each w[i] the content or the content stripped (`trim`); None if there is no such w."""
+    def match(i: int, pos: int) -> list[str] | None:
+        if not real.startswith(literals[i], pos):
+            return None
+        pos += len(literals[i])
+        if i == len(contents):
+            return [] if pos == len(real) else None
+        for written in dict.fromkeys((contents[i], contents[i].strip())):
+            if real.startswith(written, pos):
+                rest = match(i + 1, pos + len(written))
+                if rest is not None:
+                    return [written, *rest]
+        return None
+    return match(0, 0)
 
 
 def _check_prompt(messages: Sequence[dict]) -> None:

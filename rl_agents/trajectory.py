@@ -10,18 +10,21 @@ training sequence is the concatenation of those ids, never a re-tokenisation of 
 Storage is JSONL, one trajectory per line. Import/export of the ETO/FastChat conversation
 format (`{"id", "conversations": [{"from": "human"|"gpt", "value"}]}`, and `role/content`
 `messages`) lets other tools read our data and us read theirs. Malformed records raise
-`TrajectoryFormatError` naming the file, the line and the field.
+`TrajectoryFormatError` naming the file, the line and the field; `read_trajectories` reads
+either format (decided once per file, so its errors are that format's, at the true line).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rl_agents.fileio import atomic_write_text, read_utf8  # noqa: F401  (atomic_write_text: re-exported)
 
 ROLES = ("system", "user", "assistant")
 _FASTCHAT_ROLE = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -168,16 +171,68 @@ def _turn_from_dict(t: Any, where: str) -> Turn:
 
 
 # ---- files ------------------------------------------------------------------------------------
-def _iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+_JSON_WS = " \t\n\r"
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    """The file's text, newlines made `\n`; unreadable files raise `TrajectoryFormatError` naming
+    the file (and, for bytes that are not UTF-8, the line and column)."""
+    return read_utf8(path, TrajectoryFormatError)
+
+
+def _json_msg(msg: str) -> str:
+    return msg.removesuffix(" at")  # "Unterminated string starting at" + " at column N"
+
+
+def _iter_json_lines(path: str | os.PathLike, text: str | None = None) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, record) for every non-blank line of a JSONL file."""
+    for lineno, line in enumerate((_read_text(path) if text is None else text).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrajectoryFormatError(f"{where}: invalid JSON ({_json_msg(e.msg)} at column {e.colno})") from None
+
+
+def _iter_json_list(path: str | os.PathLike, text: str) -> Iterator[tuple[str, str, Any]]:
+    """(`file:line: record i`, `file:line`, record) for every element of a JSON list file, `line`
+    being where the element starts."""
+    dec = json.JSONDecoder()
+
+    def fail(pos: int, msg: str):
+        line, col = text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+        raise TrajectoryFormatError(f"{path}:{line}: invalid JSON ({_json_msg(msg)} at column {col})")
+
+    pos = _WS.match(text).end()
+    if not text.startswith("[", pos):
+        fail(pos, "Expecting '['")
+    pos = _WS.match(text, pos + 1).end()
+    index, line, counted = 0, 1, 0
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
             try:
-                yield where, json.loads(line)
+                record, end = dec.raw_decode(text, pos)
             except json.JSONDecodeError as e:
-                raise TrajectoryFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                fail(e.pos, e.msg)
+            line, counted = line + text.count("\n", counted, pos), pos
+            yield f"{path}:{line}: record {index}", f"{path}:{line}", record
+            index += 1
+            pos = _WS.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _WS.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                fail(pos, "Expecting ',' delimiter" if pos < len(text) else "Expecting ',' or ']'")
+    pos = _WS.match(text, pos).end()
+    if pos < len(text):
+        fail(pos, "Extra data")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Trajectory]:
@@ -187,30 +242,65 @@ def read_jsonl(path: str | os.PathLike) -> list[Trajectory]:
 
 def read_conversations(path: str | os.PathLike, env_id: str = "") -> list[Trajectory]:
     """Read ETO/FastChat conversations from a JSONL file or a JSON list file."""
-    text = Path(path).read_text(encoding="utf-8").lstrip()
-    if text.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TrajectoryFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        return [Trajectory.from_conversation(d, env_id, f"{path}: record {i}") for i, d in enumerate(records)]
-    return [Trajectory.from_conversation(d, env_id, where) for where, d in _iter_json_lines(path)]
+    return [t for _, t in _read_conversation_records(path, _read_text(path), env_id)]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see either the old or the whole new content, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _read_conversation_records(path, text: str, env_id: str) -> list[tuple[str, Trajectory]]:
+    if text.lstrip(_JSON_WS).startswith("["):
+        return [(loc, Trajectory.from_conversation(d, env_id, where)) for where, loc, d in _iter_json_list(path, text)]
+    return [(where, Trajectory.from_conversation(d, env_id, where)) for where, d in _iter_json_lines(path, text)]
+
+
+def read_trajectories(path: str | os.PathLike, env_id: str = "", *, record_source: bool = True) -> list[Trajectory]:
+    """Read a file of either format: rl_agents JSONL (`write_jsonl`) or ETO/FastChat conversations
+    (JSONL or a JSON list file; `env_id` fills the records that have none).
+
+    The format is decided once, from the first record (a JSON list, or a record with
+    `conversations`/`messages`: conversations; a record with `turns`: rl_agents), and the whole
+    file is read with that format's reader, so an error names the true line and field. With
+    `record_source`, each trajectory's `metadata["source_line"]` is the `file:line` it came from.
+    A missing, unreadable, non-UTF-8 or empty file raises `TrajectoryFormatError` too.
+    """
+    text = _read_text(path)
+    if not text.strip(_JSON_WS):
+        raise TrajectoryFormatError(f"{path}: no trajectories (the file is empty)")
+    if text.lstrip(_JSON_WS).startswith("["):
+        records = _read_conversation_records(path, text, env_id)
+    else:
+        where, first = next(_iter_json_lines(path, text))
+        if not isinstance(first, dict):
+            raise TrajectoryFormatError(f"{where}: expected a JSON object, got {type(first).__name__}")
+        if "conversations" in first or "messages" in first:
+            records = _read_conversation_records(path, text, env_id)
+        elif "turns" in first:
+            records = [(where, Trajectory.from_dict(d, where)) for where, d in _iter_json_lines(path, text)]
+        else:
+            raise TrajectoryFormatError(f"{where}: not a trajectory of either format: no field 'turns' (rl_agents) "
+                                        "and no field 'conversations' or 'messages' (ETO/FastChat conversation)")
+    if not records:
+        raise TrajectoryFormatError(f"{path}: no trajectories (the list is empty)")
+    if record_source:
+        for loc, t in records:
+            t.metadata["source_line"] = loc
+    return [t for _, t in records]
+
+
+def source_of(traj: Trajectory) -> str:
+    """Where a trajectory came from: its `file:line` when `read_trajectories` read it, else its task."""
+    return traj.metadata.get("source_line") or f"task {traj.task_id}"
+
+
+def require_agent_turns(trajectories: list[Trajectory], path: str | os.PathLike | None = None) -> list[Trajectory]:
+    """`trajectories`, checked to have an agent (assistant) turn each (nothing else can be trained
+    on); else `TrajectoryFormatError` naming the first offender's `file:line` (see `source_of`)."""
+    bad = [t for t in trajectories if not t.agent_turns]
+    if bad:
+        first = source_of(bad[0])
+        if path is not None and "source_line" not in bad[0].metadata:
+            first = f"{path}: {first}"
+        more = f" (and {len(bad) - 1} more of the {len(trajectories)} trajectories)" if len(bad) > 1 else ""
+        raise TrajectoryFormatError(f"{first}: the trajectory has no agent (assistant) turn{more}")
+    return trajectories
 
 
 def write_jsonl(path: str | os.PathLike, trajectories: Iterable[Trajectory]) -> None:

@@ -5,14 +5,19 @@
     AutoModelForCausalLM.from_pretrained(result.checkpoint_path)
 
 `train` is the driver: it validates the data against the objective, builds the `TorchTrainer`
-(one Ray Train run under `<storage_path>/<name>/`, restarted from its latest checkpoint on a
-worker failure) and returns the final checkpoint. The worker side is `rl_agents.train.loop`,
+(one Ray Train run under `<storage_path>/<name>/`, restarted from its latest complete checkpoint
+on a worker failure, at most `max_failures` times) and returns the final checkpoint. A failure a
+restart cannot fix is raised at once instead, as the worker raised it: a write into the run
+directory that failed for want of space, quota or permission (`rl_agents.fileio.WriteError`,
+"cannot write <path>: No space left on device (the disk is full: ...)") or a tampered checkpoint
+(`rl_agents.train.checkpoint.UnsafeCheckpointError`). The worker side is `rl_agents.train.loop`,
 checkpoints `rl_agents.train.checkpoint`, metrics `rl_agents.train.metrics`, objectives
 `algorithms.objectives`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -29,6 +34,11 @@ __all__ = ["DeepSpeedConfig", "LoraConfig", "LossConfig", "ModelConfig", "OptimC
            "TrainResult", "train"]
 
 REF_MODES = ("precompute", "adapter", "none")
+WRITE_FAULT_ENV = "RL_AGENTS_TEST_WRITE_FAULT"
+"""Testing hook: "<global step>:<errno name>" makes that checkpoint's copy into the run directory fail
+(`rl_agents.train.loop._write_fault`)."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,9 +120,14 @@ def train(objective: str, data: Sequence, cfg: TrainConfig, ref: str | Sequence 
         "adapter" (default with LoRA: the model with its adapter disabled, every step), or
         per-example `(chosen_per_turn, rejected_per_turn)` log-prob lists computed elsewhere.
     Uses the running Ray cluster (or starts a local one).
+
+    Raises `WriteError` (disk full, read-only, no permission, quota: not retried) when writing the run
+    directory fails, `UnsafeCheckpointError` for a checkpoint that would unpickle code; other worker
+    failures are retried `cfg.max_failures` times, then Ray's `WorkerGroupError` is raised.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError,
+                           WorkerGroupError)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from algorithms.objectives import get_objective
@@ -129,19 +144,122 @@ def train(objective: str, data: Sequence, cfg: TrainConfig, ref: str | Sequence 
     model_dir = os.path.abspath(resolve_model(cfg.model.path))
     init_ray()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "objective": objective, "data": ray.put(list(data)), "ref": ref_mode,
-                           "run_dir": str(run_dir), "model_dir": model_dir},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
+    loop_config = {"cfg": cfg, "objective": objective, "data": ray.put(list(data)), "ref": ref_mode,
+                   "run_dir": str(run_dir), "model_dir": model_dir, "write_fault": os.environ.get(WRITE_FAULT_ENV)}
+    _set_aside_torn_snapshot(run_dir)
+    failures = 0
+    while True:
+        # Ray Train retries every worker error (FailureConfig.max_failures), so restarts are ours: a
+        # new `fit` of the same run resumes from its latest checkpoint, like Ray's own restart.
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=0),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        )
+        try:
+            result = _fit(trainer)
+            break
+        except TrainingFailedError as e:
+            fatal = _fatal_error(e, run_dir)
+            if fatal is not None:
+                raise fatal from None
+            if not isinstance(e, WorkerGroupError) or failures >= cfg.max_failures:
+                raise
+            failures += 1
+            logger.warning("run %s: worker failure %d of at most %d, restarting from its latest checkpoint: %s",
+                           run_dir, failures, cfg.max_failures, e)
+            _set_aside_torn_snapshot(run_dir)
+    history = read_metrics(run_dir / "metrics.jsonl")
+    if result.checkpoint is not None:
+        return TrainResult(checkpoint_path=result.checkpoint.path, metrics=dict(result.metrics or {}),
+                           history=history, run_dir=str(run_dir))
+    # Nothing reported: a finished run, re-run after its Ray snapshot was set aside (resumed at its end).
+    from rl_agents.train.checkpoint import latest_complete
+
+    final = latest_complete(run_dir)
+    if final is None:
         raise RuntimeError(f"run {run_dir} finished without a checkpoint")
-    return TrainResult(checkpoint_path=result.checkpoint.path, metrics=dict(result.metrics or {}),
-                       history=read_metrics(run_dir / "metrics.jsonl"), run_dir=str(run_dir))
+    last = {k: v for k, v in (history or [{}])[-1].items() if k != "step"}
+    return TrainResult(checkpoint_path=str(final), metrics=last, history=history, run_dir=str(run_dir))
+
+
+def _fit(trainer):
+    """`trainer.fit()`, with Ctrl-C ending in `KeyboardInterrupt` as everywhere else.
+
+    During `fit` Ray Train installs its own SIGINT handler (it aborts the run gracefully, then
+    returns, or exits the process with status 0) and leaves it installed afterwards. We wrap that
+    handler to note the interrupt, let Ray abort the run, restore the previous handler, and raise
+    `KeyboardInterrupt`, so that the CLI can say where the run stopped (exit 130) and the
+    checkpoints written so far are what the next run resumes from."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(trainer, "_register_sigint_handler"):
+        return trainer.fit()  # Tune trials run in threads: Ray installs no handler there either
+    previous = signal.getsignal(signal.SIGINT)
+    interrupted: list[int] = []
+    register = trainer._register_sigint_handler
+
+    def register_and_wrap(controller):
+        register(controller)
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            interrupted.append(signum)
+            if callable(ray_handler):
+                ray_handler(signum, frame)
+        signal.signal(signal.SIGINT, on_sigint)
+
+    trainer._register_sigint_handler = register_and_wrap
+    try:
+        result = trainer.fit()
+    except (SystemExit, Exception):
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+def _fatal_error(e: Exception, run_dir: Path) -> Exception | None:
+    """The error of a failed `fit` that a restart cannot fix (it would redo the work, then fail the
+    same way), as the worker (or the controller) raised it; None for any other failure."""
+    from rl_agents.fileio import WriteError, write_error
+    from rl_agents.train.checkpoint import FATAL_WRITE_ERRNOS, UnsafeCheckpointError
+
+    causes = list(getattr(e, "worker_failures", {}).values())  # WorkerGroupError: {rank: error}
+    if getattr(e, "controller_failure", None) is not None:  # ControllerError (e.g. its snapshot write)
+        causes.append(e.controller_failure)
+    for cause in causes:
+        base = getattr(cause, "_base_exc", cause)  # Ray wraps a worker's exception with its traceback text
+        if isinstance(base, UnsafeCheckpointError):
+            return base
+        if isinstance(base, OSError) and base.errno in FATAL_WRITE_ERRNOS:
+            return base if isinstance(base, WriteError) else write_error(base.filename or run_dir, base)
+    return None
+
+
+def _set_aside_torn_snapshot(run_dir: Path) -> None:
+    """Ray Train's controller rewrites `checkpoint_manager_snapshot.json` in place at every checkpoint;
+    a full disk can leave it torn, and Ray then fails to start the run again (an `ActorDiedError` of
+    its controller). Move such a file aside: the workers then resume from the newest complete
+    checkpoint of the run directory (`rl_agents.train.checkpoint.resume_dir`)."""
+    import json
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        json.loads(snapshot.read_text())
+    except FileNotFoundError:
+        return
+    except (ValueError, UnicodeDecodeError):
+        aside = snapshot.with_name(f"{snapshot.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(snapshot, aside)
+        logger.warning("Ray Train's snapshot of %s was torn (a failed write?): moved to %s; resuming from the "
+                       "newest complete checkpoint", run_dir, aside.name)

@@ -1,7 +1,9 @@
 """Checkpoints: HF-layout weights for serving, plus the state a resume needs (DESIGN §8).
 
-One checkpoint directory (what `ray.train.report` persists; each rank writes its own files into a
-local directory and Ray merges them):
+One checkpoint directory `<run_dir>/checkpoint_<step>/`. Each rank writes its own files into a
+local staging directory, then copies them into the run directory itself (`publish_checkpoint`,
+the `checkpoint_upload_fn` of `ray.train.report`); rank 0 writes `trainer/COMPLETE` once every
+rank's copy succeeded, before reporting, so a directory without it is partial:
 
     config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index), tokenizer files
         full fine-tuning: loadable by `AutoModelForCausalLM.from_pretrained(dir)` and vLLM;
@@ -11,7 +13,20 @@ local directory and Ray merges them):
     trainer/reference.pt        the precomputed reference log-probs (rank 0), reused on resume;
     trainer/rng_rank{r}.pt      torch RNG of each rank (LoRA dropout);
     trainer/deepspeed/...       `engine.save_checkpoint`: weights, optimizer, scheduler (every rank);
-    trainer/ddp.pt              without DeepSpeed: trainable weights, optimizer, scheduler (rank 0).
+    trainer/ddp_model.safetensors  without DeepSpeed: the trainable weights (rank 0);
+    trainer/ddp.pt              without DeepSpeed: optimizer and scheduler state (rank 0);
+    trainer/COMPLETE            written last (rank 0): every rank's files are in place.
+
+Resuming unpickles nothing but tensors and plain containers: every `.pt` is read with
+`torch.load(weights_only=True)` (`safe_load`), DeepSpeed's files too (its checkpoint engine's
+loader is swapped for the duration of `load_checkpoint`, allowing only the three DeepSpeed
+classes its ZeRO files hold: `deepspeed_safe_globals`). A file holding anything else raises
+`UnsafeCheckpointError` naming it, without running any of it: run directories live on shared
+storage, and whoever can write there must not be able to run code in the next resume.
+
+A failed write into the run directory raises `rl_agents.fileio.WriteError` naming the file and
+the cause; the partial directory is removed. `FATAL_WRITE_ERRNOS` (disk full, read-only, no
+permission, quota) are not retried: the driver (`rl_agents.train.train`) raises them at once.
 
 ZeRO-3 weights are gathered a shard at a time (`deepspeed.zero.GatheredParameters` over at most
 `max_shard_bytes` of parameters), so no rank ever holds more than one shard of the full model.
@@ -19,12 +34,21 @@ ZeRO-3 weights are gathered a shard at a time (`deepspeed.zero.GatheredParameter
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import pickle
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from rl_agents.fileio import WriteError, atomic_write_text, write_error
+
+logger = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 _NOT_COPIED = {"config.json", "generation_config.json", "rl_agents_model.json", "adapter_config.json"}
@@ -131,6 +155,63 @@ def copy_tokenizer_files(source_dir: str | os.PathLike, out_dir: str | os.PathLi
 
 
 # ---- resume state ------------------------------------------------------------------------------
+COMPLETE = "trainer/COMPLETE"
+DDP_WEIGHTS = "trainer/ddp_model.safetensors"
+FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT})
+"""Write failures that a restart cannot fix (it would fail the same way after redoing the work)."""
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file holds pickled objects other than tensors and plain containers."""
+
+
+def deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed's ZeRO 0-3 checkpoint files (fp32 and bf16) pickle besides tensors and
+    plain containers, found by saving them (`torch.serialization.get_unsafe_globals_in_checkpoint`).
+    Each is plain data without code run on unpickling: `weights_only` rebuilds them only through
+    `__new__` plus an attribute update (no `__setstate__`/`__reduce__` of theirs), or, for the int
+    enum, by value lookup."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # static loss scale: cur_scale, dynamic
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # int enum 0-3
+    from deepspeed.utils.tensor_fragment import fragment_address  # dataclass (numel, start)
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | os.PathLike, *, map_location="cpu", allowed: list | tuple = ()):
+    """`torch.load(path, weights_only=True)`, also allowing the `allowed` classes; a file holding any
+    other global raises `UnsafeCheckpointError` naming it, before anything in it runs."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message: a generic paragraph, then what it refused ("Trying to load unsupported GLOBAL ...")
+        found = [line.strip() for line in str(e).splitlines() if line.strip()
+                 and not line.startswith(("Weights only load failed", "Check the documentation"))]
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds more than tensors and plain containers "
+            f"({'; '.join(found) or e}); a checkpoint written by rl_agents never does, so the file may "
+            "have been tampered with (nothing in it was run)") from None
+
+
+@contextmanager
+def _safe_deepspeed_loads(engine):
+    """Make `engine.load_checkpoint` read every file through `safe_load` (DeepSpeed's own
+    `TorchCheckpointEngine.load` unpickles with `weights_only=False`)."""
+    ckpt_engine = engine.checkpoint_engine
+    allowed = deepspeed_safe_globals()
+    had_own = "load" in vars(ckpt_engine)
+    previous = vars(ckpt_engine).get("load")
+    ckpt_engine.load = lambda path, map_location=None: safe_load(path, map_location=map_location, allowed=allowed)
+    try:
+        yield
+    finally:
+        if had_own:
+            ckpt_engine.load = previous
+        else:
+            del ckpt_engine.load
+
+
 def save_state(out_dir: str | os.PathLike, *, model, optimizer, scheduler, deepspeed: bool, lora: bool, rank: int,
                trainer_state: dict, reference: list | None) -> None:
     """Everything a resume needs, under `out_dir/trainer/`. Collective with DeepSpeed."""
@@ -140,9 +221,13 @@ def save_state(out_dir: str | os.PathLike, *, model, optimizer, scheduler, deeps
         # Frozen base weights are not state: with LoRA only the adapter is saved.
         model.save_checkpoint(str(tdir / "deepspeed"), tag="state", exclude_frozen_parameters=lora)
     elif rank == 0:
-        trainable = {n: p.detach().cpu() for n, p in model.module.named_parameters() if p.requires_grad}
-        torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tdir / "ddp.pt")
+        from safetensors.torch import save_file
+
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.module.named_parameters() if p.requires_grad}
+        save_file(trainable, str(Path(out_dir) / DDP_WEIGHTS))
+        # AdamW's and LambdaLR's state dicts are tensors, numbers and plain containers (LambdaLR
+        # keeps None for a function lr_lambda): loadable with weights_only=True.
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tdir / "ddp.pt")
     torch.save(torch.get_rng_state(), tdir / f"rng_rank{rank}.pt")
     if rank == 0:
         (tdir / "state.json").write_text(json.dumps(trainer_state, indent=2))
@@ -152,24 +237,137 @@ def save_state(out_dir: str | os.PathLike, *, model, optimizer, scheduler, deeps
 
 def load_state(ckpt_dir: str | os.PathLike, *, model, optimizer, scheduler, deepspeed: bool, lora: bool,
                rank: int) -> tuple[dict, list | None]:
-    """Restore weights, optimizer, scheduler and RNG; return (trainer_state, reference or None)."""
+    """Restore weights, optimizer, scheduler and RNG; return (trainer_state, reference or None).
+
+    Unpickles nothing but tensors and plain containers (`safe_load`): `UnsafeCheckpointError` otherwise."""
     tdir = Path(ckpt_dir) / "trainer"
     if deepspeed:
-        path, _ = model.load_checkpoint(str(tdir / "deepspeed"), tag="state", load_module_strict=not lora)
+        with _safe_deepspeed_loads(model):
+            path, _ = model.load_checkpoint(str(tdir / "deepspeed"), tag="state", load_module_strict=not lora)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {tdir / 'deepspeed'}")
     else:
-        saved = torch.load(tdir / "ddp.pt", map_location="cpu", weights_only=False)
+        saved = safe_load(tdir / "ddp.pt")
+        weights_file = Path(ckpt_dir) / DDP_WEIGHTS
+        if weights_file.exists():
+            from safetensors.torch import load_file
+
+            weights = load_file(str(weights_file))
+        else:  # checkpoints written before the weights moved to safetensors
+            weights = saved["model"]
         params = dict(model.module.named_parameters())
         with torch.no_grad():
-            for name, value in saved["model"].items():
+            for name, value in weights.items():
                 params[name].copy_(value)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     rng = tdir / f"rng_rank{rank}.pt"
     if rng.exists():
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+        torch.set_rng_state(safe_load(rng))
     trainer_state = json.loads((tdir / "state.json").read_text())
     ref_path = tdir / "reference.pt"
-    reference = torch.load(ref_path, weights_only=True) if ref_path.exists() else None
+    reference = safe_load(ref_path) if ref_path.exists() else None
     return trainer_state, reference
+
+
+# ---- writing a checkpoint into the run directory ------------------------------------------------
+def staging_error(path: str | os.PathLike, e: BaseException) -> BaseException:
+    """What to raise for a failure writing the local staging copy under `path`: a `WriteError` for an
+    OSError, or for torch's RuntimeError ("file write failed") when its file system is full."""
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, OSError):
+        return write_error(path, e)
+    try:
+        st = os.statvfs(path)
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    return e
+
+
+def _copy_tree(src: Path, dest: Path, fault=None) -> None:
+    """Copy every file under `src` into `dest` (merged into what other ranks copy there). Files and
+    directories get the umask's modes. `fault()` (testing hook) runs half-way through."""
+    files = sorted(f for f in src.rglob("*") if f.is_file())
+    for k, f in enumerate(files):
+        target = dest / f.relative_to(src)
+        try:
+            if fault is not None and k == len(files) // 2:
+                fault(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+        except OSError as e:
+            raise write_error(target, e) from None
+
+
+def publish_checkpoint(local_dir: str | os.PathLike, dest: str | os.PathLike, *, rank: int, world: int,
+                       note: str = "", fault=None) -> None:
+    """Copy this rank's staged checkpoint files into `dest` (in the run directory); once every rank's
+    copy succeeded, rank 0 writes `dest/trainer/COMPLETE`. Collective (every rank, same `dest`).
+
+    A failed copy on any rank raises the same `WriteError` on every rank (naming the file and the
+    cause) and removes `dest`; a stale `dest` from a killed attempt is removed first."""
+    import torch.distributed as dist
+
+    dest = Path(dest)
+    collective = world > 1 and dist.is_available() and dist.is_initialized()
+    if rank == 0 and dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+    if collective:
+        dist.barrier()
+    error = None
+    try:
+        _copy_tree(Path(local_dir), dest, fault)
+    except WriteError as e:
+        error = e
+    errors = [error]
+    if collective:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    error = next((e for e in errors if e is not None), None)
+    if error is None and rank == 0:
+        try:
+            atomic_write_text(dest / COMPLETE, note or "complete\n")
+        except WriteError as e:
+            error = e  # the other ranks report; the checkpoint is never registered without rank 0's
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise error
+
+
+def is_complete(ckpt_dir: str | os.PathLike) -> bool:
+    return (Path(ckpt_dir) / COMPLETE).is_file()
+
+
+def latest_complete(run_dir: str | os.PathLike) -> Path | None:
+    """The `checkpoint_*` directory of `run_dir` with the highest step that has `trainer/COMPLETE`."""
+    found = []
+    for d in Path(run_dir).glob("checkpoint_*"):
+        m = re.fullmatch(r"checkpoint_(\d+)", d.name)
+        if m and d.is_dir() and is_complete(d):
+            found.append((int(m.group(1)), d))
+    return max(found)[1] if found else None
+
+
+def resume_dir(reported: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path | None:
+    """Where to resume from: Ray's latest reported checkpoint if it is complete; otherwise (none
+    reported, e.g. Ray's snapshot was torn and set aside, or one without `trainer/COMPLETE`) the
+    newest complete `checkpoint_*` of the run directory; None: start at step 0."""
+    if reported is not None and is_complete(reported):
+        return Path(reported)
+    fallback = latest_complete(run_dir)
+    if reported is None:
+        if fallback is not None:
+            logger.warning("Ray reports no checkpoint for %s, which holds complete ones: resuming from %s",
+                           run_dir, fallback)
+    elif fallback is not None:
+        logger.warning("checkpoint %s has no %s (partial, or written by an older rl_agents): resuming from %s",
+                       reported, COMPLETE, fallback)
+    else:
+        logger.warning("checkpoint %s has no %s (partial, or written by an older rl_agents) and %s holds no "
+                       "complete checkpoint: training starts over from step 0", reported, COMPLETE, run_dir)
+    return fallback

@@ -161,8 +161,9 @@ class TrainConfig:
     run unpacked). Off: length-grouped batches, padded rows."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% more compute)."""
-    checkpoint_every: int = 0
-    """Save a resumable checkpoint every this many optimizer steps (0 = only at the end)."""
+    checkpoint_every: int = 10
+    """Save a resumable checkpoint every this many optimizer steps (0 = only at the end). A killed
+    run re-run with the same command resumes at the step after its last checkpoint."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints Ray keeps."""
     max_failures: int = 1

@@ -25,6 +25,7 @@ DeepSpeed optimizer ops) and ZeRO 0-3, or torch DistributedDataParallel. Never `
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import math
 import os
@@ -40,7 +41,8 @@ from algorithms.objectives import (FORWARD_TOKENS, Objective, get_objective, pai
                                    set_prefix_sharing, unwrap)
 from rl_agents.batches import PairBatch, PPOBatch, PPOExample
 from rl_agents.collate import collate_pairs, collate_ppo, collate_sequences, length_grouped_batches
-from rl_agents.train.checkpoint import load_state, save_hf, save_state
+from rl_agents.train.checkpoint import (load_state, publish_checkpoint, resume_dir, save_hf, save_state,
+                                        staging_error)
 from rl_agents.train.config import TrainConfig
 from rl_agents.train.metrics import MetricsLogger, StepMetrics
 
@@ -262,10 +264,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     start_step, reference = 0, None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as reported:
+        ckpt_dir = resume_dir(reported, run_dir)  # a partial checkpoint is never resumed from
+        if ckpt_dir is not None:
             state, reference = load_state(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                                           deepspeed=ds, lora=cfg.lora.enabled, rank=rank)
+    if ckpt_dir is not None:
         if state["total_steps"] != total_steps or state["num_examples"] != len(examples):
             raise RuntimeError(f"checkpoint in {run_dir} is from a different run ({state['total_steps']} steps over "
                                f"{state['num_examples']} examples, now {total_steps} over {len(examples)}); "
@@ -297,13 +301,30 @@ def train_loop_per_worker(config: dict) -> None:
         trainer_state = {"global_step": step + 1, "epoch": (step + 1) // max(per_epoch, 1),
                          "step_in_epoch": (step + 1) % max(per_epoch, 1), "steps_per_epoch": per_epoch,
                          "total_steps": total_steps, "num_examples": len(examples), "objective": objective.name}
+        name = f"checkpoint_{step + 1:06d}"
+
+        def upload(staged, dir_name: str):
+            # Our own copy into the run directory (not Ray's): a failure names the file and its cause,
+            # and the checkpoint gets its COMPLETE marker only once every rank's files are in place.
+            dest = run_dir / dir_name
+            publish_checkpoint(staged.path, dest, rank=rank, world=world, note=f"{dir_name}: {world} ranks\n",
+                               fault=_write_fault(config, step + 1, rank, world, run_dir))
+            storage = ray.train.get_context().get_storage()
+            return ray.train.Checkpoint(path=str(dest), filesystem=storage.storage_filesystem)
+
         with tempfile.TemporaryDirectory(prefix="rl_agents_ckpt_") as tmp:
-            save_hf(unwrap(model), tmp, source_dir=config["model_dir"], lora=cfg.lora.enabled, rank=rank)
-            save_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, deepspeed=ds,
-                       lora=cfg.lora.enabled, rank=rank, trainer_state=trainer_state,
-                       reference=reference)
+            try:
+                save_hf(unwrap(model), tmp, source_dir=config["model_dir"], lora=cfg.lora.enabled, rank=rank)
+                save_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, deepspeed=ds,
+                           lora=cfg.lora.enabled, rank=rank, trainer_state=trainer_state,
+                           reference=reference)
+            except (OSError, RuntimeError) as e:
+                err = staging_error(tmp, e)
+                if err is e:
+                    raise
+                raise err from None
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_{step + 1:06d}")
+                             checkpoint_dir_name=name, checkpoint_upload_fn=upload)
         # The controller registers a checkpoint when it has collected the report of every rank; a rank
         # dying before that loses it, and the restart would repeat steps. So wait for the commit.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
@@ -370,6 +391,26 @@ def _token_counts(batch) -> tuple[int, int]:
         batch = batch.tokens
     sides = (batch.chosen, batch.rejected) if isinstance(batch, PairBatch) else (batch,)
     return sum(int(t.attention_mask.sum()) for t in sides), sum(t.attention_mask.numel() for t in sides)
+
+
+def _write_fault(config: dict, global_step: int, rank: int, world: int, run_dir: Path):
+    """Testing hook (`config["write_fault"]`, set by `train` from `$RL_AGENTS_TEST_WRITE_FAULT`,
+    "<global step>:<errno name>", e.g. "3:ENOSPC"): the last rank's copy of that checkpoint into
+    the run directory fails half-way with that OSError, on every attempt; each firing appends a
+    line to `<run_dir>/.write_fault_fired`. None = no fault here."""
+    spec = config.get("write_fault")
+    if not spec or rank != world - 1:
+        return None
+    at, _, name = spec.partition(":")
+    if int(at) != global_step:
+        return None
+    code = getattr(errno, name or "ENOSPC")
+
+    def fault(target: Path) -> None:
+        with open(run_dir / ".write_fault_fired", "a") as f:
+            f.write(f"rank {rank} checkpoint {global_step} {name or 'ENOSPC'}\n")
+        raise OSError(code, os.strerror(code), str(target))
+    return fault
 
 
 def _maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, world: int, run_dir: Path) -> None:

@@ -3,8 +3,12 @@
 Keys are `group/name` (`loss/dpo`, `reward/margin`, `kl/chosen`, `train/lr`, `perf/tokens_per_s`).
 Rank 0 appends one JSON object per optimizer step to `<run_dir>/metrics.jsonl` (one `write` of a
 whole line on an O_APPEND file, flushed: readers never see half a line), mirrors the scalars to
-TensorBoard (`<run_dir>/tensorboard/`) and drives a tqdm bar. The file is append-only: after a
-resume, the steps trained before the failure stay in it and training continues at the next step.
+TensorBoard (`<run_dir>/tensorboard/`) and drives a tqdm bar. At the start of every attempt rank 0
+first rewrites the file (atomically) keeping only the rows of the steps before the one it starts at:
+after a resume from a checkpoint at step k, the rows a failed attempt wrote for steps >= k go and
+are written again, so the file holds one row per step trained, in order. The TensorBoard mirror is
+append-only: there a resumed step may show twice (TensorBoard plots the last value written).
+A failed write raises `rl_agents.fileio.WriteError` naming the file and the cause.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from rl_agents.fileio import atomic_write_text, write_error
 
 
 class StepMetrics:
@@ -58,16 +64,27 @@ class MetricsLogger:
         from tqdm import tqdm
 
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._path = run_dir / "metrics.jsonl"
+        if self._path.exists():  # drop the rows of the steps this attempt trains (again)
+            last = {row["step"]: row for row in read_metrics(self._path)
+                    if isinstance(row.get("step"), int) and row["step"] < initial_step}  # a step's last row wins
+            atomic_write_text(self._path, "".join(json.dumps(last[k]) + "\n" for k in sorted(last)))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(self._path, e) from None
         self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise write_error(self._path, e) from None
         for key, value in metrics.items():
             self._tb.add_scalar(key, value, step)
         self._bar.update(1)

@@ -91,7 +91,8 @@ def _assert_ppo_update(name, metrics, state, run_dir: Path) -> None:
     same micro-batches, here through DeepSpeed bf16); GAIL's discriminator trained and was saved."""
     from rl_agents.train.metrics import read_metrics
 
-    first = read_metrics(run_dir / "train" / "iter0-ppo" / "metrics.jsonl")[0]
+    (train_dir,) = (run_dir / "train").glob("iter0-ppo-*")  # named by the data's digest
+    first = read_metrics(train_dir / "metrics.jsonl")[0]
     assert first["ppo/ratio_mean"] == 1.0 and first["ppo/clip_frac"] == 0.0 and first["kl/ref"] == 0.0, first
     if name == "ppo":
         assert metrics["data/ppo_examples"] == 16  # 4 tasks × rollout.samples_per_task 4

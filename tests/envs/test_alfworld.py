@@ -230,3 +230,13 @@ def test_experts_win_and_reproduce_the_recorded_observations(env, alfworld_data)
                 break
         assert (total, info["won"], term, info["reward_total"]) == (1.0, True, True, 1.0), task
         assert seen[:len(recorded) - 1] == recorded[1:len(seen) + 1], task
+
+
+@pytest.mark.parametrize("bad", ["pick\x00and_place", "x" * 5000, "pick\udcff"])
+def test_reset_rejects_task_ids_no_game_has(env, bad):
+    """ALFWorld maps ids to file paths: a NUL, a huge id or a lone surrogate used to leak
+    `embedded null byte` / `File name too long` from the OS; now one message names the problem."""
+    from envs.base import TaskIdError
+
+    with pytest.raises(TaskIdError, match=r"^task id '.{1,40}'.* (contains the character|is too long)"):
+        env.reset(options={"task_id": bad})

@@ -210,3 +210,23 @@ def test_a_dead_jvm_propagates(sciworld_ready):
             e.step("look around")
     finally:
         e.close()
+
+
+def test_py4j_gateway_refuses_clients_without_the_auth_token(env):
+    """The JVM's py4j gateway listens on a local port; any local user could drive the JVM through
+    it. Ours requires py4j's auth token: the env's own connection works, a client without the token
+    is refused before any command runs."""
+    from py4j.java_gateway import JavaGateway, GatewayParameters
+    from py4j.protocol import Py4JError
+
+    env.reset(options={"task_id": BOIL})
+    params = env._sim._gateway.gateway_parameters
+    assert params.auth_token and len(params.auth_token) >= 16
+    stranger = JavaGateway(gateway_parameters=GatewayParameters(port=params.port))
+    try:
+        with pytest.raises(Py4JError, match="Authentication error"):
+            stranger.jvm.System.currentTimeMillis()
+    finally:
+        stranger.close()
+    obs, *_ = env.step("look around")  # the env's own, authenticated connection still works
+    assert "This room is called" in obs

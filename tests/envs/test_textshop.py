@@ -271,3 +271,37 @@ def test_catalog_builds_fast_and_steps_are_sub_millisecond(env):
             env.step(a)
             n += 1
     assert (time.perf_counter() - start) / n < 1e-3
+
+
+@pytest.mark.parametrize("task_id, message", [
+    ("train-\x0000001", "task id 'train-\\x0000001' contains the character '\\x00', which no task id has"),
+    ("train-\ud80000001", "task id 'train-\\ud80000001' contains the character '\\ud800', which no task id has"),
+    ("x" * 1_000_000, "task id '" + "x" * 40 + "'... (1000000 characters) is too long (at most 256 characters)"),
+    ("", "task id is empty"),
+])
+def test_reset_rejects_task_ids_no_env_has_without_echoing_them(env, task_id, message):
+    """NULs, lone surrogates and megabyte ids end in one short message (never the id in full)."""
+    from envs.base import TaskIdError
+
+    with pytest.raises(TaskIdError) as e:
+        env.reset(options={"task_id": task_id})
+    assert str(e.value) == message
+
+
+def test_a_train_env_says_when_it_meets_a_test_task():
+    """Allowed (evaluation tooling may do it), but said once per pair of splits, and in `info`."""
+    import warnings
+
+    from envs.base import _WARNED
+
+    env = gym.make("rl_agents/TextShop-v0", split="train").unwrapped
+    _WARNED.discard(("TextShopEnv", "test_seen", "train"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, info = env.reset(options={"task_id": "test_seen-00003"})
+        env.reset(options={"task_id": "test_seen-00004"})
+        _, own = env.reset(options={"task_id": "train-00003"})
+    said = [str(w.message) for w in caught if "belongs to split" in str(w.message)]
+    assert said == ["TextShopEnv: task 'test_seen-00003' belongs to split 'test_seen', not to this env's split "
+                    "'train' (a train run is using a test task); said once per pair of splits"]
+    assert info["task_split"] == "test_seen" and "task_split" not in own

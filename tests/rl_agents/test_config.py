@@ -59,7 +59,7 @@ def test_bad_configs_name_the_key(overrides, needle):
 def test_invalid_yaml_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("a: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+    with pytest.raises(ConfigError, match="bad.yaml:2: invalid YAML"):
         load_config(Cfg, path)
 
 

@@ -8,6 +8,8 @@ Six short runs (4 optimizer steps each, 8 multi-turn pairs or 8 SFT sequences) s
     D  A, but the last rank os._exit(1)s at the start of step 2; Ray restarts from checkpoint 2
     E  SFT, ZeRO-3, bf16, 2 workers
     F  DMPO, LoRA, ZeRO-3, reference = adapter disabled, 2 workers × 2 accumulation steps
+    G  A with a checkpoint every step, whose copy of checkpoint 3 into the run directory fails on
+       rank 1 with ENOSPC (the disk is full); then the same train() again once there is space
 
 Tolerances (fp32), on every step's loss, summed log-probs and gradient norm: C vs A share every
 micro-batch, so they agree to float rounding (rel 1e-5); B vs A differ in padding, accumulation
@@ -20,8 +22,10 @@ test_train_units.py): 1e-6 absolute on the loss.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -71,6 +75,7 @@ def ray_cluster():
 def runs(ray_cluster, segmenter, tiny_model_dir, tmp_path_factory):
     """Lazily run (and cache) the six configurations of the module docstring."""
     from rl_agents.train import DeepSpeedConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, train
+    from rl_agents.train.metrics import read_metrics
 
     storage = tmp_path_factory.mktemp("runs")
     pairs = make_pairs(segmenter, 8)
@@ -91,6 +96,28 @@ def runs(ray_cluster, segmenter, tiny_model_dir, tmp_path_factory):
         "E": lambda: train("sft", seqs, cfg("E", stage=3, bf16=True)),
         "F": lambda: train("dmpo", pairs, cfg("F", stage=3, mb=1, lora=LoraConfig(enabled=True, r=4, alpha=8))),
     }
+    def disk_full_then_resume():
+        from rl_agents.fileio import WriteError
+        from rl_agents.train import WRITE_FAULT_ENV
+
+        g = cfg("G", checkpoint_every=1, max_failures=1)
+        os.environ[WRITE_FAULT_ENV] = "3:ENOSPC"  # read by train() on the driver
+        try:
+            train("dpo", pairs, g)
+            error = None
+        except WriteError as e:
+            error = e
+        finally:
+            del os.environ[WRITE_FAULT_ENV]
+        run_dir = storage / "G"
+        dirs = [d for d in run_dir.glob("checkpoint_*") if d.is_dir()]  # not checkpoint_manager_snapshot.json
+        after_failure = {"fired": (run_dir / ".write_fault_fired").read_text().splitlines(),
+                         "checkpoints": sorted(d.name for d in dirs),
+                         "incomplete": sorted(d.name for d in dirs if not (d / "trainer" / "COMPLETE").exists()),
+                         "history": [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]}
+        return error, after_failure, train("dpo", pairs, g)
+
+    specs["G"] = disk_full_then_resume
     cache = {}
 
     def get(name):
@@ -170,6 +197,26 @@ def test_killed_worker_resumes_at_next_step(runs):
     wa, wd = _weights(a.checkpoint_path), _weights(d.checkpoint_path)
     for name in wa:
         torch.testing.assert_close(wd[name], wa[name], rtol=0, atol=1e-6)
+
+
+def test_full_disk_fails_once_cleanly_and_the_rerun_resumes(runs):
+    """G: one clean error naming the file and ENOSPC, no restart, no partial checkpoint; the rerun
+    resumes from checkpoint 2 and ends where A does, with one metrics row per step."""
+    a, (error, after, g) = runs("A"), runs("G")
+    assert error is not None and error.errno == errno.ENOSPC
+    ckpt3 = Path(g.run_dir, "checkpoint_000003")
+    assert str(error).startswith(f"cannot write {ckpt3}/")  # the message alone (fileio.WriteError)
+    assert "No space left on device (the disk is full" in str(error)
+    assert after["fired"] == ["rank 1 checkpoint 3 ENOSPC"]  # one attempt: a restart would have fired again
+    assert after["checkpoints"] == ["checkpoint_000001", "checkpoint_000002"] and not after["incomplete"]
+    assert after["history"] == [0, 1, 2]  # the failed attempt trained step 2, then failed to checkpoint it
+    assert [r["step"] for r in g.history] == [0, 1, 2, 3]  # step 2 again after the resume, once in the file
+    assert Path(g.checkpoint_path, "trainer", "COMPLETE").exists()
+    assert g.history[2]["perf/reference_s"] < 1e-3  # resumed (reference from checkpoint 2), not restarted
+    assert _series(g, "loss/dpo") == pytest.approx(_series(a, "loss/dpo"), abs=1e-6)
+    wa, wg = _weights(a.checkpoint_path), _weights(g.checkpoint_path)
+    for name in wa:
+        torch.testing.assert_close(wg[name], wa[name], rtol=0, atol=1e-6)
 
 
 def test_zero3_bf16_sft_trains_every_weight(runs, tiny_model_dir):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rl_agents.trajectory import (Trajectory, TrajectoryFormatError, Turn, read_conversations, read_jsonl,
-                                  write_conversations, write_jsonl)
+                                  read_trajectories, require_agent_turns, source_of, write_conversations, write_jsonl)
 
 
 def _traj(**kw):
@@ -83,3 +83,131 @@ def test_write_is_atomic_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         write_jsonl(path, bad())
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["t.jsonl"]
+
+
+# ---- read_trajectories: one format per file, the true line and field ------------------------------
+def _good_line():
+    return json.dumps(_traj().to_dict())
+
+
+def _error(path, **kw) -> str:
+    with pytest.raises(TrajectoryFormatError) as e:
+        read_trajectories(path, **kw)
+    assert "\n" not in str(e.value)  # one line
+    return str(e.value)
+
+
+def test_read_trajectories_reads_both_formats_and_records_the_line(tmp_path):
+    rl = tmp_path / "t.jsonl"
+    rl.write_text(_good_line() + "\n\n" + _good_line() + "\n")
+    back = read_trajectories(rl)
+    assert [t.metadata for t in back] == [{"seed": 3, "source_line": f"{rl}:1"}, {"seed": 3, "source_line": f"{rl}:3"}]
+    assert [t.turns for t in back] == [_traj().turns] * 2 and source_of(back[1]) == f"{rl}:3"
+    assert read_trajectories(rl, record_source=False) == [_traj(), _traj()]
+    conv = tmp_path / "c.jsonl"
+    write_conversations(conv, [_traj(), _traj()])
+    assert [t.metadata["source_line"] for t in read_trajectories(conv)] == [f"{conv}:1", f"{conv}:2"]
+    eto = [{"id": f"w{i}", "conversations": [{"from": "human", "value": "I"}, {"from": "gpt", "value": "A"}]}
+           for i in range(2)]
+    lst = tmp_path / "eto.json"
+    lst.write_text("\n" + json.dumps(eto, indent=1))
+    back = read_trajectories(lst, env_id="webshop")
+    assert [(t.task_id, t.env_id, t.metadata["source_line"]) for t in back] == [("w0", "webshop", f"{lst}:3"),
+                                                                               ("w1", "webshop", f"{lst}:16")]
+    assert source_of(_traj()) == "task t1"
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"task_id": "a", "env_id": ', "invalid JSON (Expecting value at column 28)"),  # truncated line
+    ('{"env_id": "e", "turns": []}', "field 'task_id' is missing"),
+    ('{"task_id": "a", "env_id": "e", "turns": [{"role": "user", "text": ["x"]}]}',
+     "field 'turns[0].text' must be a string"),
+    ('{"task_id": "a", "env_id": "e", "turns": [], "reward": "0.5"}', "field 'reward' must be a number, got '0.5'"),
+    ('{"task_id": "a", "env_id": "e", "turns": [{"text": "x"}]}',
+     "field 'turns[0].role' must be one of ['system', 'user', 'assistant'], got None"),
+])
+def test_rl_agents_file_errors_name_the_true_line_not_the_conversation_reader(tmp_path, bad, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(_good_line() + "\n" + _good_line() + "\n" + bad + "\n" + _good_line() + "\n")
+    assert _error(path) == f"{path}:3: {message}"
+
+
+def test_missing_task_id_on_line_2(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    rec = _traj().to_dict()
+    del rec["task_id"]
+    path.write_text(_good_line() + "\n" + json.dumps(rec) + "\n")
+    assert _error(path) == f"{path}:2: field 'task_id' is missing"
+
+
+def test_truncated_last_line_names_it(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text(_good_line() + "\n" + _good_line() + "\n" + _good_line()[:40])
+    assert _error(path) == f"{path}:3: invalid JSON (Unterminated string starting at column 29)"  # the quote of "rl_agents/T
+
+
+def test_conversation_file_errors_still_name_their_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    good = json.dumps({"id": "a", "conversations": [{"from": "human", "value": "x"}]})
+    path.write_text(good + "\n" + json.dumps({"id": "b", "conversations": [{"from": "robot", "value": "x"}]}) + "\n")
+    assert _error(path) == (f"{path}:2: field 'conversations[0].from' must be one of "
+                            "['assistant', 'gpt', 'human', 'system', 'user'], got 'robot'")
+    path.write_text(good + "\n" + '{"id": "b", "messages": [{"role": "user", "content": 7}]}\n')
+    assert _error(path) == f"{path}:2: field 'messages[0].content' must be a string"
+    lst = tmp_path / "eto.json"
+    lst.write_text('[\n' + good + ',\n{"id": "b", "conversations": []}\n]\n')
+    assert _error(lst) == f"{lst}:3: record 1: field 'conversations' must be a non-empty list"
+    lst.write_text('[\n' + good + ',\n' + good[:30] + "\n")
+    assert _error(lst) == f"{lst}:4: invalid JSON (Expecting value at column 1)"  # the cut record's value: at the end
+    lst.write_text('[' + good + ']\n]\n')
+    assert _error(lst) == f"{lst}:2: invalid JSON (Extra data at column 1)"
+
+
+def test_non_utf8_empty_missing_and_unknown_files(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(_good_line().encode() + b'\n{"task_id": "caf\xe9"}\n')
+    assert _error(path) == f"{path}:2: not valid UTF-8 (byte 0xe9 at column 17)"
+    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n  \n")):
+        (tmp_path / name).write_text(text)
+        assert _error(tmp_path / name) == f"{tmp_path / name}: no trajectories (the file is empty)"
+    (tmp_path / "empty.json").write_text("[ ]\n")
+    assert _error(tmp_path / "empty.json") == f"{tmp_path / 'empty.json'}: no trajectories (the list is empty)"
+    assert _error(tmp_path / "missing.jsonl") == f"{tmp_path / 'missing.jsonl'}: no such file"
+    other = tmp_path / "other.jsonl"
+    other.write_text('\n{"prompt": "x", "completion": "y"}\n')
+    assert _error(other) == (f"{other}:2: not a trajectory of either format: no field 'turns' (rl_agents) "
+                             "and no field 'conversations' or 'messages' (ETO/FastChat conversation)")
+    other.write_text("3\n")
+    assert _error(other) == f"{other}:1: expected a JSON object, got int"
+
+
+def test_single_format_readers_give_the_same_file_errors(tmp_path):
+    with pytest.raises(TrajectoryFormatError, match=r"^.*missing.jsonl: no such file$"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"id": "a", "conversations": [{"from": "human", "value": "\xff"}]}\n')
+    with pytest.raises(TrajectoryFormatError) as e:
+        read_conversations(path)
+    assert str(e.value) == f"{path}:1: not valid UTF-8 (byte 0xff at column 59)"
+
+
+def test_crlf_and_byte_order_mark_are_read(tmp_path):
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (_good_line() + "\r\n" + _good_line() + "\r\n").encode())
+    assert read_trajectories(path, record_source=False) == [_traj(), _traj()]
+    path.write_bytes((_good_line() + "\r\n" + '{"task_id": 1,\r\n').encode())
+    assert _error(path) == f"{path}:2: invalid JSON (Expecting property name enclosed in double quotes at column 15)"
+
+
+def test_require_agent_turns_names_the_line(tmp_path):
+    path = tmp_path / "e.jsonl"
+    no_agent = Trajectory("t2", "e", [Turn("user", "instruction")])
+    write_jsonl(path, [_traj(), no_agent, _traj(), no_agent])
+    trajs = read_trajectories(path)
+    with pytest.raises(TrajectoryFormatError) as e:
+        require_agent_turns(trajs, path)
+    assert str(e.value) == f"{path}:2: the trajectory has no agent (assistant) turn (and 1 more of the 4 trajectories)"
+    assert require_agent_turns(trajs[:1], path) == trajs[:1]
+    with pytest.raises(TrajectoryFormatError) as e:
+        require_agent_turns([no_agent], path)
+    assert str(e.value) == f"{path}: task t2: the trajectory has no agent (assistant) turn"
