@@ -398,7 +398,8 @@ class Algorithm:
         r = self.config.rollout
         if r.explore_data and self.iteration == 0:
             experts = self.experts()
-            trajs = [t for t in load_expert_file(r.explore_data, self.config.env.env_id, need_agent_turns=False)
+            trajs = [t for t in load_expert_file(r.explore_data, self.config.env.env_id, need_agent_turns=False,
+                                               record_source=False)
                      if t.task_id in experts]
             if not trajs:
                 raise ValueError(f"rollout.explore_data: {r.explore_data} has no trajectory of this run's train tasks")
@@ -444,10 +445,13 @@ class Algorithm:
         return float(self._group.check_weight_sync(load_model(self.policy)))
 
 
-def load_expert_file(path: str, env_id: str, *, need_agent_turns: bool = True) -> list[Trajectory]:
+def load_expert_file(path: str, env_id: str, *, need_agent_turns: bool = True,
+                     record_source: bool = True) -> list[Trajectory]:
     """Trajectories of a data file (`env.expert_data`, `rollout.explore_data`) in either format,
     checked before any work: format errors, trajectories without an agent turn and task ids no
-    env could have (NUL, surrogates, huge) raise `TrajectoryFormatError` naming file:line."""
+    env could have (NUL, surrogates, huge) raise `TrajectoryFormatError` naming file:line.
+    `record_source`: keep each trajectory's `metadata["source_line"]` (off where the trajectories
+    are written out again as they came, e.g. `rollout.explore_data`)."""
     from envs.base import TaskIdError, check_task_id
     from rl_agents.trajectory import TrajectoryFormatError, read_trajectories, require_agent_turns, source_of
 
@@ -459,6 +463,9 @@ def load_expert_file(path: str, env_id: str, *, need_agent_turns: bool = True) -
             check_task_id(t.task_id)
         except TaskIdError as e:
             raise TrajectoryFormatError(f"{source_of(t)}: field 'task_id': {e}") from None
+    if not record_source:
+        for t in trajs:
+            t.metadata.pop("source_line", None)
     return trajs
 
 
