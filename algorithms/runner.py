@@ -134,8 +134,12 @@ def resume_point(cfg: AlgorithmConfig) -> dict[str, Any] | None:
                           f"{', ...' if len(diff) > 5 else ''}); re-run with the same config to resume it, or pick "
                           "another run_dir")
     state_path, rows_path = run_dir / "state.json", run_dir / "results.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
-    rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else None
+        rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"run_dir: cannot resume {run_dir}: {state_path.name} or {rows_path.name} is unreadable "
+                          f"({e}); pick another run_dir") from None
     return {"state": state, "rows": rows}
 
 
@@ -163,7 +167,7 @@ def run(cfg: AlgorithmConfig, *, evaluate_base: bool = True, label: str | None =
               f"{', start evaluation done' if any(r.get('stage') == 'start' for r in rows) else ''}", flush=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"algo": cfg.algo, **to_dict(cfg)}, sort_keys=False))
     try:
-        if evaluate_base and not any(r.get("stage") == "start" for r in rows):
+        if evaluate_base and algo.iteration == 0 and not any(r.get("stage") == "start" for r in rows):
             rows.append({"stage": "start", "iteration": 0, **algo.evaluate()})
             write_results(run_dir, rows)
         for i in range(algo.iteration, cfg.iterations):

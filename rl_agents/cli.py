@@ -156,6 +156,9 @@ def cmd_train(args) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: {_where_stopped(cfg)}; re-run the same command to resume", file=sys.stderr)
         return 130
+    except ConfigError as e:  # found while resuming: a run_dir holding another config, a bad state.json
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -289,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (TrajectoryFormatError, TaskIdError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

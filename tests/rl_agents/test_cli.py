@@ -235,3 +235,13 @@ def test_env_play_rejects_a_task_id_with_a_nul(capsys):
     assert main(["env", "play", "rl_agents/TextShop-v0", "--task", "train\x0000001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: task id 'train\\x0000001' contains the character '\\x00', which no task id has"]
+
+
+def test_train_refuses_a_run_dir_holding_another_config(capsys, tmp_path):
+    """Resuming is by config: a run dir made by another config is refused in one line, untouched."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("algo: sft\nmodel: tiny-llama\n")
+    line = _train_error(capsys, [str(SFT_YAML), f"run_dir={run_dir}"])
+    assert line.startswith(f"config error: run_dir: {run_dir} holds a run with another config (differs at "), line
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
