@@ -56,7 +56,7 @@ def truncate_steps(traj: Trajectory, max_steps: int) -> Trajectory:
         return traj
     turns, seen = [], 0
     for turn in traj.turns:
-        if turn.role == "assistant":
+        if turn.is_agent:
             if seen == max_steps:
                 break
             seen += 1
@@ -97,7 +97,7 @@ def step_prefixes(expert: Trajectory) -> list[StepPrompt]:
     """Inspection points of StepAgent: one per agent turn of the expert trajectory."""
     out, step = [], 0
     for i, turn in enumerate(expert.turns):
-        if turn.role == "assistant":
+        if turn.is_agent:
             prefix = dataclasses.replace(expert, turns=expert.turns[:i], metadata={**expert.metadata, "prefix_step": step})
             out.append(StepPrompt(prefix=prefix, step=step, expert_turn=turn))
             step += 1
@@ -146,7 +146,7 @@ def min_tokens(turns: Iterable[Turn], chars_per_token: int) -> int:
 
 def trajectory_min_tokens(traj: Trajectory, chars_per_token: int) -> int:
     """`min_tokens` of what `encode_trajectory` encodes: the turns through the last agent turn."""
-    last = max((i for i, t in enumerate(traj.turns) if t.role == "assistant"), default=len(traj.turns) - 1)
+    last = max((i for i, t in enumerate(traj.turns) if t.is_agent), default=len(traj.turns) - 1)
     return min_tokens(traj.turns[:last + 1], chars_per_token)
 
 

@@ -14,6 +14,14 @@ that cancel against the reference), the coefficient of turn k's log-ratio is
 (1-γ)/(1-γ^T) · Σ_{t=k}^{T-1} γ^t = γ^k (1-γ^(T-k)) / (1-γ^T). The printed φ drops γ^t; with it,
 γ → 0 would give plain trajectory DPO, contradicting the paper's own Corollary 4.0.2 (γ → 0
 gives single-turn DPO on the first turn), which the form above satisfies.
+
+End-of-turn tokens (`end_of_turn`): a turn's log-prob may come in two parts, its reply tokens and
+its closing end-of-turn token(s) (`<|im_end|>`). 'turn' (default) weights the whole turn by φ(t, T),
+as eq. (16) weights log π(a_t|s_t) and the agent's action ends with its decision to stop. 'one' is
+the released trainer's convention (`swt-user/DMPO`, `get_batch_loss_metrics`): its coefficient is
+φ on each reply's tokens only, and the separator after each reply (`</s>`), which is in the
+labels, keeps coefficient 1. Its round 0 (the instruction and the agent's "OK") is prompt: ours
+too, when ETO-format data is imported (`rl_agents.trajectory`).
 """
 
 from __future__ import annotations
@@ -65,20 +73,37 @@ def dmpo_turn_weights(turn_mask: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.where(real & (n > 0), weights, torch.zeros_like(weights))
 
 
+END_OF_TURN = ("turn", "one")
+
+
 def _weighted_logratio(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, gamma: float,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """Σ_t φ(t, T) (log πθ - log πref)_t over real turns: (B, T) -> (B,). Masked turns add exactly 0."""
-    if policy.dim() != 2 or policy.shape != ref.shape or policy.shape != mask.shape:
-        raise ValueError("policy, ref and mask of one side must all be (B, T); got "
+                       dtype: torch.dtype, end_of_turn: str) -> torch.Tensor:
+    """Σ_t φ(t, T) (log πθ - log πref)_t over real turns: (B, T) -> (B,). Masked turns add exactly 0.
+
+    (B, T, 2) log-probs are [reply, end-of-turn] parts: 'turn' weights both by φ, 'one' the second by 1."""
+    if policy.shape != ref.shape or policy.shape[:2] != mask.shape or mask.dim() != 2 or policy.dim() not in (2, 3) \
+            or (policy.dim() == 3 and policy.shape[2] != 2):
+        raise ValueError("policy and ref of one side must both be (B, T) or (B, T, 2) and mask (B, T); got "
                          f"{tuple(policy.shape)}, {tuple(ref.shape)}, {tuple(mask.shape)}")
-    weights = dmpo_turn_weights(mask, gamma).to(dtype)  # (B, T)
-    logratio = policy.to(dtype) - ref.to(dtype)  # (B, T)
+    if end_of_turn not in END_OF_TURN:
+        raise ValueError(f"end_of_turn must be one of {END_OF_TURN}, got {end_of_turn!r}")
+    if end_of_turn == "one" and policy.dim() != 3:
+        raise ValueError("end_of_turn='one' needs the turns' log-probs in two parts, (B, T, 2): [reply, end-of-turn]")
+    phi = dmpo_turn_weights(mask, gamma).to(dtype)  # (B, T)
+    logratio = policy.to(dtype) - ref.to(dtype)  # (B, T) or (B, T, 2)
+    if logratio.dim() == 3:
+        eot_weight = torch.ones_like(phi) if end_of_turn == "one" else phi
+        weights = torch.stack([phi, eot_weight], dim=-1)  # (B, T, 2)
+        real = (mask != 0)[..., None].expand_as(logratio)
+    else:
+        weights, real = phi, mask != 0
     # `where`, not a product, so that non-finite values under the mask cannot leak in as NaN.
-    return torch.where(mask != 0, weights * logratio, torch.zeros_like(logratio)).sum(dim=-1)
+    weighted = torch.where(real, weights * logratio, torch.zeros_like(logratio))
+    return weighted.reshape(weighted.shape[0], -1).sum(dim=-1)
 
 
 def _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,
-           policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma):
+           policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma, end_of_turn):
     check_beta(beta)
     check_gamma(gamma)
     if policy_chosen_logps.shape[:1] != policy_rejected_logps.shape[:1]:
@@ -87,8 +112,10 @@ def _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,
     # Compute in at least float32 (bf16 log-prob sums lose whole nats on long trajectories).
     dtype = torch.promote_types(torch.promote_types(policy_chosen_logps.dtype, policy_rejected_logps.dtype),
                                 torch.float32)
-    chosen = beta * _weighted_logratio(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask, gamma, dtype)
-    rejected = beta * _weighted_logratio(policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, gamma, dtype)
+    chosen = beta * _weighted_logratio(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask, gamma, dtype,
+                                       end_of_turn)
+    rejected = beta * _weighted_logratio(policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, gamma, dtype,
+                                         end_of_turn)
     return chosen, rejected  # (B,) each: Φ(τ_w), Φ(τ_l) of eq. (17)
 
 
@@ -102,6 +129,7 @@ def dmpo_loss(
     *,
     beta: float,
     gamma: float,
+    end_of_turn: str = "turn",
 ) -> torch.Tensor:
     """DMPO loss, Shi et al. 2024, eq. (16), with the per-turn weight of the released code.
 
@@ -110,14 +138,16 @@ def dmpo_loss(
     policy_chosen_logps/ref_chosen_logps/chosen_turn_mask: (B, T_w) per-turn summed log-probs of
     the agent turns of the preferred trajectory and a 0/1 (bool/int/float) mask of its real turns,
     left-aligned; the rejected side is (B, T_l), and T_w may differ from T_l. φ is
-    `dmpo_turn_weights` (see the module docstring for why it is not the printed one).
+    `dmpo_turn_weights` (see the module docstring for why it is not the printed one). The log-probs
+    may be (B, T, 2), each turn's [reply, end-of-turn] tokens apart: `end_of_turn="turn"` weights
+    both by φ(t, T) (the same as their sum), `"one"` the end-of-turn part by 1 (the released trainer).
     β > 0 and γ ∈ (0, 1], else ValueError. Returns (B,) per-pair losses, dtype at least float32.
 
     Identities (tested): one turn on each side gives `dpo_loss`; γ → 0 gives DPO on turn 0;
     masked turns contribute exactly 0.
     """
     chosen, rejected = _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,
-                              policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma)
+                              policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma, end_of_turn)
     return -F.logsigmoid(chosen - rejected)
 
 
@@ -139,9 +169,11 @@ def dmpo_rewards(
     *,
     beta: float,
     gamma: float,
+    end_of_turn: str = "turn",
 ) -> DMPORewards:
     """Same inputs as `dmpo_loss`; the weighted implicit rewards Φ(τ_w), Φ(τ_l) and their margin."""
     with torch.no_grad():
         chosen, rejected = _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,
-                                  policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma)
+                                  policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma,
+                                  end_of_turn)
     return DMPORewards(chosen, rejected, chosen - rejected)

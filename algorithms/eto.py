@@ -23,6 +23,20 @@ from algorithms.data import is_noisy, trajectory_pairs
 from algorithms.imitation import _fit_batch, explore_metrics
 from rl_agents.config import ConfigError
 from rl_agents.train.config import OptimConfig, TrainConfig
+from rl_agents.trajectory import Pair, TrajectoryFormatError, read_pairs, require_agent_turns, write_pairs
+
+
+def load_pairs_file(path: str, env_id: str) -> list[Pair]:
+    """`pairs_file`'s pairs (either format), checked before any work: errors name file:line and field."""
+    pairs = read_pairs(path, env_id=env_id)
+    for chosen, rejected in pairs:
+        for side in (chosen, rejected):
+            require_agent_turns([side])
+            if not side.env_id:
+                side.env_id = env_id
+    if not pairs:
+        raise TrajectoryFormatError(f"{path}: no pairs")
+    return pairs
 
 
 def _pref_train() -> TrainConfig:
@@ -38,6 +52,11 @@ class ETOConfig(AlgorithmConfig):
     """Cap the lose trajectory at this many agent turns (ETO's released code caps it); None = no cap."""
     iterations: int = 2
     """Explore-train rounds (ETO: 2 on WebShop/ScienceWorld, 1 on ALFWorld)."""
+    pairs_file: str | None = None
+    """Preference pairs that stand in for the first iteration's exploration and pairing: ETO's pair
+    format (`{"id", "prompt", "chosen", "rejected"}`, as its construct_preference.py writes them) or
+    ours (an earlier run's `trajectories/pairs_iter0.jsonl`). Later iterations explore as usual
+    (DMPO's `setting: clean` still filters the rejected side). None = explore and pair."""
     train: TrainConfig = field(default_factory=_pref_train)
     """Paper defaults (ETO): lr 1e-6, batch 32, 3 epochs, 3% warm-up, cosine."""
     algo = "eto"
@@ -47,6 +66,8 @@ class ETOConfig(AlgorithmConfig):
         check_positive(self.beta, "beta")
         if self.max_rejected_steps is not None and self.max_rejected_steps < 1:
             raise ConfigError(f"max_rejected_steps: must be >= 1 or null (no cap), got {self.max_rejected_steps}")
+        if self.pairs_file is not None and not (isinstance(self.pairs_file, str) and self.pairs_file.strip()):
+            raise ConfigError(f"pairs_file: must be a file or null, got {self.pairs_file!r}")
 
 
 @register_algorithm
@@ -55,6 +76,8 @@ class ETO(Algorithm):
     objective = "dpo"
 
     def pairs(self) -> tuple[list, dict[str, Any]]:
+        if self.config.pairs_file and self.iteration == 0:
+            return load_pairs_file(self.config.pairs_file, self.config.env.env_id), {}
         explored = self.explore()
         pairs = trajectory_pairs(explored, self.experts(), max_rejected_steps=self.config.max_rejected_steps)
         return pairs, explore_metrics(explored)
@@ -64,6 +87,8 @@ class ETO(Algorithm):
 
         pairs, metrics = self.pairs()
         metrics["data/pairs"] = len(pairs)
+        # What this iteration trained on; `rl-agents data convert ... --to conversation` gives ETO's format.
+        write_pairs(self.run_dir / "trajectories" / f"pairs_iter{self.iteration}.jsonl", pairs)
         if not pairs:  # nothing to contrast: the policy matched the experts everywhere
             return metrics
         seg = self.segmenter()

@@ -201,21 +201,27 @@ def _concat(chosen: TokenBatch, rejected: TokenBatch) -> TokenBatch:
         return replace(batch, input_ids=F.pad(batch.input_ids, (0, extra)),
                        attention_mask=F.pad(batch.attention_mask, (0, extra)),
                        action_mask=F.pad(batch.action_mask, (0, extra)),
-                       turn_index=F.pad(batch.turn_index, (0, extra), value=-1))
+                       turn_index=F.pad(batch.turn_index, (0, extra), value=-1),
+                       end_of_turn=None if batch.end_of_turn is None else F.pad(batch.end_of_turn, (0, extra)))
+
+    def eot(batch: TokenBatch) -> torch.Tensor:
+        return batch.end_of_turn if batch.end_of_turn is not None else torch.zeros_like(batch.action_mask)
 
     c, r = pad(chosen), pad(rejected)
     return TokenBatch(*(torch.cat([getattr(c, f), getattr(r, f)]) for f in
-                        ("input_ids", "attention_mask", "action_mask", "turn_index", "num_turns")))
+                        ("input_ids", "attention_mask", "action_mask", "turn_index", "num_turns")),
+                      end_of_turn=torch.cat([eot(c), eot(r)]))
 
 
 def pair_turn_logps(model: torch.nn.Module, batch: PairBatch, *, disable_adapter: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-turn log-prob sums of both sides from one forward pass: (B, T_chosen), (B, T_rejected)."""
+    """Per-turn log-prob sums of both sides from one forward pass, each turn's reply and end-of-turn
+    tokens apart (`turn_logps(..., parts=True)`): (B, T_chosen, 2), (B, T_rejected, 2)."""
     both = _concat(batch.chosen, batch.rejected)
     t_c, t_r = batch.chosen.max_turns, batch.rejected.max_turns
     ctx = unwrap(model).disable_adapter() if disable_adapter else nullcontext()
     with ctx:
-        per_turn = turn_logps(sequence_logps(model, both), both, max(t_c, t_r, 1))  # (2B, T)
+        per_turn = turn_logps(sequence_logps(model, both), both, max(t_c, t_r, 1), parts=True)  # (2B, T, 2)
     b = len(batch)
     return per_turn[:b, :t_c], per_turn[b:, :t_r]
 
@@ -254,7 +260,7 @@ def _trajectory_dpo(name: str, loss_fn):
     def objective(model, batch: PairBatch, cfg) -> tuple[torch.Tensor, Metrics]:
         ref_c, ref_r = reference(model, batch)
         pol_c, pol_r = pair_turn_logps(model, batch)
-        pc, rc, pr, rr = pol_c.sum(1), ref_c.sum(1), pol_r.sum(1), ref_r.sum(1)  # (B,) each
+        pc, rc, pr, rr = (x.sum((1, 2)) for x in (pol_c, ref_c, pol_r, ref_r))  # (B,) each: whole sequences
         losses = loss_fn(pc, rc, pr, rr, beta=cfg.beta)
         rewards = dpo_rewards(pc, rc, pr, rr, beta=cfg.beta)
         return losses.mean(), _pair_metrics(name, losses, rewards, pc, rc, pr, rr)
@@ -268,15 +274,16 @@ register("step_dpo", paired=True)(_trajectory_dpo("step_dpo", step_dpo_loss))
 
 @register("dmpo", paired=True)
 def dmpo_objective(model, batch: PairBatch, cfg) -> tuple[torch.Tensor, Metrics]:
-    """DMPO on per-turn log-prob sums (`algorithms.dmpo.dmpo_loss`, β and γ from `cfg`)."""
+    """DMPO on per-turn log-prob sums, reply and end-of-turn apart (`algorithms.dmpo.dmpo_loss`; β, γ
+    and the end-of-turn convention from `cfg`)."""
     ref_c, ref_r = reference(model, batch)
     pol_c, pol_r = pair_turn_logps(model, batch)
     mask_c, mask_r = batch.chosen.turn_mask(pol_c.shape[1]), batch.rejected.turn_mask(pol_r.shape[1])
     args = (pol_c, ref_c, mask_c, pol_r, ref_r, mask_r)
-    losses = dmpo_loss(*args, beta=cfg.beta, gamma=cfg.gamma)
-    rewards = dmpo_rewards(*args, beta=cfg.beta, gamma=cfg.gamma)
-    return losses.mean(), _pair_metrics("dmpo", losses, rewards, pol_c.sum(1), ref_c.sum(1), pol_r.sum(1),
-                                        ref_r.sum(1))
+    kw = {"beta": cfg.beta, "gamma": cfg.gamma, "end_of_turn": cfg.end_of_turn}
+    losses = dmpo_loss(*args, **kw)
+    rewards = dmpo_rewards(*args, **kw)
+    return losses.mean(), _pair_metrics("dmpo", losses, rewards, *(x.sum((1, 2)) for x in (pol_c, ref_c, pol_r, ref_r)))
 
 
 def _ppo_units(example) -> int:

@@ -101,6 +101,10 @@ def preflight(cfg: AlgorithmConfig) -> None:
     for key, path in (("env.expert_data", cfg.env.expert_data), ("rollout.explore_data", cfg.rollout.explore_data)):
         if path is not None:
             load_expert_file(path, cfg.env.env_id, need_agent_turns=key == "env.expert_data")
+    if getattr(cfg, "pairs_file", None) is not None:
+        from algorithms.eto import load_pairs_file
+
+        load_pairs_file(cfg.pairs_file, cfg.env.env_id)
     check_writable(cfg.run_dir)
 
 

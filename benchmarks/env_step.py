@@ -47,10 +47,10 @@ class SciRaw:
         self.sim = start_simulator(deterministic)
 
     def reset(self, task_id: str) -> None:
-        from envs.sciworld import parse_task_id
+        from envs.sciworld import ETO_SIMPLIFICATIONS, parse_task_id, task_simplifications
 
         name, variation = parse_task_id(task_id)
-        self.sim.load(name, variation, "easy")
+        self.sim.load(name, variation, task_simplifications(ETO_SIMPLIFICATIONS, name))  # as our env
         self.sim.server.step("look around")
 
     def step(self, action: str) -> bool:
@@ -73,7 +73,7 @@ class SciETO(SciRaw):
         from envs.sciworld import parse_task_id
 
         name, variation = parse_task_id(task_id)
-        self.sim.load(name, variation, "easy")
+        self.sim.load(name, variation, "easy")  # ETO's eval_agent, verbatim
         self.sim.reset()
 
     def step(self, action: str) -> bool:

@@ -7,12 +7,23 @@
   `"task-1-boil:12"`; any variation of any of ScienceWorld's 30 tasks can be reset to by id.
 * Turn budget per task type from ETO's `max_steps.json` (10 to 120); tasks it does not list
   (task-8, task-9: in no ETO split) get ScienceWorld's own default of 100.
-* Simplification `"easy"` by default, as ETO runs it (teleport, doors and containers open,
-  self-watering pots, no electrical `connect` distractors).
-* Reward: progress = max(score, 0) / 100 after each step, so an episode's rewards sum to the
-  final score / 100 in [0, 1] (the papers' metric). `info["score"]` is the native score
-  (0-100; -100 once the task failed, e.g. focusing on a wrong object). `terminated` when the
-  simulator says completed or failed; `won` = completed without failing.
+* Simplifications: ETO's, by default (`ETO_SIMPLIFICATIONS`): teleportAction, openDoors,
+  openContainers, selfWateringFlowerPots, noElectricalAction. ETO's prompt tells the agent "All
+  containers in the environment have already been opened", and its recorded observations show
+  them open. scienceworld 1.2.3's `"easy"` preset sets only four of these (not openContainers:
+  "The closet door is closed."), so we list the five explicitly; `simplification=` overrides it
+  (`"easy"`, `""` for none, or any comma-separated list). The electrical tasks (power-component,
+  conductivity) need `connect`: noElectricalAction is left out for them, as scienceworld requires
+  (it refuses the combination) and as its `"easy"` preset does.
+* Prompt: ETO's instruction (`eval_agent/prompt/instructions/sciworld_inst.txt`) as the action
+  help, verbatim, typos included ("wait: task no action for 10 steps"): what the papers' agents read.
+* Reward: ETO's metric, the **best score reached** in the episode (ETO's `SciWorldEnv.step` keeps
+  `max(reward, raw_score)`; the papers' tables use it): progress = clamp(best score / 100, 0, 1)
+  after each step, so the step rewards are >= 0 and sum to the best score / 100. A task that
+  reached 30 and then failed (-100) scores 0.30, not 0. `info["score"]` is the native score
+  after the step (0-100; -100 once the task failed, e.g. focusing on a wrong object), i.e. the
+  final score at the end of the episode; `info["best_score"]` the best so far. `terminated` when
+  the simulator says completed or failed; `won` = completed without failing.
 * Speed: ScienceWorld's Python `step` also builds the list of valid actions (~95% of its time)
   plus look/inventory/task texts. We call the simulator directly and ask for valid actions only
   when requested (`valid_actions=True` in the constructor or in `reset` options); they then come
@@ -26,11 +37,16 @@
   order, and the same task and actions give the same text and gold path in any JVM, for ~2 ms
   more per step (median 8.6 -> 10.8 ms over 500 expert steps, measured side by side).
 * Experts: ScienceWorld's gold paths (`generateGoldPath=True`). They walk room to room and wait
-  one tick at a time, so many exceed ETO's budgets; under the `easy` simplification we shorten
+  one tick at a time, so many exceed ETO's budgets; with teleport and open doors (ETO's setting) we shorten
   them (runs of `open door`/`go to` -> one `teleport to`, 10 x `wait1` -> `wait`, as a last
   resort no `look around`), replay the candidates and keep the first that completes the task
   (score 100) within the budget, cut where it completes; else the shortest that completes.
-  Thoughts are short templates. `expert_steps` loads the task in this env's simulator, then
+  Gold paths come from the simulator's generator under the env's setting, then under "easy"
+  when none of those wins (the generator fails some tasks under openContainers: task-1-freeze:9's
+  own path ends at score 10, its "easy" path wins). Under ETO's setting some grow-fruit tasks have
+  no winning gold path at all: the bee hive starts open and the bees leave it before the flowers
+  bloom (task-4-grow-fruit:53, :23, :20 reach 48 of 100; :11, :52, :56 win), so their experts score
+  below 1; `simplification="easy"` restores them. Thoughts are short templates. `expert_steps` loads the task in this env's simulator, then
   restores the running episode by replaying its actions; results are cached per env instance.
 """
 
@@ -50,6 +66,35 @@ logger = logging.getLogger(__name__)
 _DATA = resources.files("envs") / "data" / "sciworld"
 _SPLIT_FILES = {"train": "train_indices.json", "test_seen": "dev_indices.json", "test_unseen": "test_indices.json"}
 _FAILED_INPUT = "The simulator could not process that input."
+# ETO's setting (see module doc): scienceworld's "easy" plus openContainers.
+ETO_SIMPLIFICATIONS = "teleportAction,openDoors,openContainers,selfWateringFlowerPots,noElectricalAction"
+# ETO's instruction (eval_agent/prompt/instructions/sciworld_inst.txt), verbatim.
+ETO_INSTRUCTION = """You are a helpful assistant to do some scientific experiment in an environment.
+In the environment, there are several rooms: kitchen, foundry, workshop, bathroom, outside, living room, bedroom, greenhouse, art studio, hallway
+You should explore the environment and find the items you need to complete the experiment.
+You can teleport to any room in one step.
+All containers in the environment have already been opened, you can directly get items from the containers.
+
+The available actions are:
+open OBJ: open a container
+close OBJ: close a container
+activate OBJ: activate a device
+deactivate OBJ: deactivate a device
+connect OBJ to OBJ: connect electrical components
+disconnect OBJ: disconnect electrical components
+use OBJ [on OBJ]: use a device/item
+look around: describe the current room
+examine OBJ: describe an object in detail
+look at OBJ: describe a container's contents
+read OBJ: read a note or book
+move OBJ to OBJ: move an object to a container
+pick up OBJ: move an object to the inventory
+pour OBJ into OBJ: pour a liquid into a container
+mix OBJ: chemically mix a container
+teleport to LOC: teleport to a specific room
+focus on OBJ: signal intent on a task object
+wait: task no action for 10 steps
+wait1: task no action for a step"""
 # Every Java identity hash = 1: hash-set iteration order becomes insertion order (see module doc).
 DETERMINISTIC_JVM_OPTS = ("-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
 _launch_lock = threading.Lock()
@@ -72,6 +117,14 @@ def parse_task_id(task_id: str) -> tuple[str, int]:
         raise ValueError(f"ScienceWorld task id {task_id!r} is not '<task name>:<variation>' "
                          f"with a task name from {sorted(TASK_NAMES)}")
     return name, int(var)
+
+
+def task_simplifications(simplification: str, task_name: str) -> str:
+    """`simplification` as scienceworld accepts it for `task_name`: without noElectricalAction for
+    the electrical tasks, which need `connect` (scienceworld raises on that combination)."""
+    if "power-component" in task_name or "conductivity" in task_name:
+        return ",".join(s for s in simplification.split(",") if s != "noElectricalAction")
+    return simplification
 
 
 def _clean_input(text: str) -> str:
@@ -185,12 +238,13 @@ def _thought(action: str) -> str:
 
 
 class ScienceWorldEnv(TextEnv):
-    """ScienceWorld on the JVM, with ETO's splits, budgets and `easy` simplification.
+    """ScienceWorld on the JVM, with ETO's splits, budgets, simplifications, instruction and metric.
 
     Args:
         split: "train", "test_seen" or "test_unseen" (ETO's splits).
         max_turns: one budget for every task instead of ETO's per-task-type budgets.
-        simplification: ScienceWorld's simplification string ("easy" as ETO; "" for none).
+        simplification: ScienceWorld's simplification string (default ETO's five, `ETO_SIMPLIFICATIONS`;
+            "easy" is scienceworld's preset without openContainers; "" for none).
         valid_actions: add `info["valid_actions"]` at every reset and step (slow: ~50-500 ms
             a step). A reset option `{"valid_actions": bool}` overrides it for one episode.
         deterministic: run the JVM with constant identity hashes, so that the same task and
@@ -198,17 +252,10 @@ class ScienceWorldEnv(TextEnv):
     """
 
     default_max_turns = 100  # ScienceWorld's own step limit, for task types ETO gives none
-    action_help = (
-        "Actions: look around | look at OBJ | examine OBJ | read OBJ | teleport to ROOM | pick up OBJ | "
-        "open/close OBJ | move OBJ to OBJ | pour OBJ into OBJ | mix OBJ | focus on OBJ | "
-        "activate/deactivate OBJ | use OBJ [on OBJ] | connect OBJ to OBJ | disconnect OBJ | eat OBJ | "
-        "wait (10 steps) | wait1 (1 step) | inventory.\n"
-        "OBJ/ROOM are names as the observations write them. Focus only on the object the task names: "
-        "focusing on a wrong one ends the task."
-    )
+    action_help = ETO_INSTRUCTION
 
     def __init__(self, split: str = "train", max_turns: int | None = None, render_mode: str | None = None, *,
-                 simplification: str = "easy", valid_actions: bool = False, deterministic: bool = True):
+                 simplification: str = ETO_SIMPLIFICATIONS, valid_actions: bool = False, deterministic: bool = True):
         super().__init__(split=split, max_turns=max_turns, render_mode=render_mode)
         try:
             import scienceworld  # noqa: F401
@@ -224,6 +271,7 @@ class ScienceWorldEnv(TextEnv):
         self._sim = None  # scienceworld.ScienceWorldEnv: one JVM, started at the first reset
         self._episode_valid = valid_actions
         self._history: list[str] = []  # this episode's actions, to restore it after expert_steps
+        self._best = 0  # best score reached this episode (ETO's metric)
         self._experts: dict[str, list[ExpertStep]] = {}
 
     # ---- tasks -----------------------------------------------------------------------------
@@ -246,13 +294,15 @@ class ScienceWorldEnv(TextEnv):
             self._sim = start_simulator(self.deterministic)
         return self._sim.server
 
-    def _load(self, name: str, variation: int, gold: bool = False) -> str:
-        """Load a task (fresh initial state) and return the first `look around`."""
+    def _load(self, name: str, variation: int, gold: bool = False, simplification: str | None = None) -> str:
+        """Load a task (fresh initial state) and return the first `look around` (`simplification`:
+        another setting than the env's, for generating a gold path)."""
         server = self._server()
         n_variations = self._sim.get_max_variations(name)
         if variation >= n_variations:
             raise ValueError(f"ScienceWorld task {name} has {n_variations} variations; {variation} is out of range")
-        self._sim.load(name, variation, self.simplification, generateGoldPath=gold)
+        setting = self.simplification if simplification is None else simplification
+        self._sim.load(name, variation, task_simplifications(setting, name), generateGoldPath=gold)
         return server.step("look around")
 
     def _sim_step(self, action: str) -> tuple[str, int, bool]:
@@ -281,7 +331,8 @@ class ScienceWorldEnv(TextEnv):
         task_desc = self._sim.server.freeActionTaskDesc().strip()
         instruction = task_desc.removeprefix("Task Description:").strip()
         self._history = []
-        extra: dict[str, Any] = {"task_name": name, "variation": variation}
+        self._best = 0
+        extra: dict[str, Any] = {"task_name": name, "variation": variation, "best_score": 0}
         if self._episode_valid:
             extra["valid_actions"] = self._valid_actions()
         return f"{task_desc}\n\n{look.strip()}", instruction, extra
@@ -289,9 +340,13 @@ class ScienceWorldEnv(TextEnv):
     def _step_action(self, action: str) -> StepResult:
         obs, score, completed = self._sim_step(action)
         self._history.append(action)
-        info = {"valid_actions": self._valid_actions()} if self._episode_valid else None
+        self._best = max(self._best, score)
+        info = {"best_score": self._best}
+        if self._episode_valid:
+            info["valid_actions"] = self._valid_actions()
         # ScienceWorld's own `done`: completed, or failed (score -100); won = completed, not failed.
-        return StepResult(obs, score=score, progress=max(score, 0) / 100, done=completed or score < 0,
+        # ETO's metric: the best score reached (the base class clamps progress to [0, 1]).
+        return StepResult(obs, score=score, progress=self._best / 100, done=completed or score < 0,
                           won=completed and score >= 0, info=info)
 
     # ---- experts ---------------------------------------------------------------------------
@@ -309,29 +364,36 @@ class ScienceWorldEnv(TextEnv):
         if task_id in self._experts:
             return list(self._experts[task_id])
         name, variation = parse_task_id(task_id)
-        self._load(name, variation, gold=True)
-        gold = [a for a in self._sim.get_gold_action_sequence() if a]
-        goal = self._sim.server.freeActionTaskDesc().strip().removeprefix("Task Description:").strip()
-        # Candidates in order of preference: the first that wins within the task's budget is
-        # kept, else the shortest that wins. Dropping `look around` is the last resort (an
-        # expert that never looks is a worse teacher).
-        simplifications = set(self.simplification.split(","))
-        candidates = [gold]
-        if "easy" in simplifications or {"teleportAction", "openDoors"} <= simplifications:
-            candidates = [shorten_gold_path(gold), shorten_gold_path(gold, wait=False), gold,
-                          shorten_gold_path(gold, look=False)]
         budget = self.max_turns if self.max_turns is not None else self.max_turns_for(task_id)
+        shorten = {"easy", "teleportAction", "openDoors"} & set(self.simplification.split(","))
         wins: list[list[str]] = []
-        for cand in dict.fromkeys(map(tuple, candidates)):  # unique, in order
-            n = self._replay(name, variation, list(cand))
-            if n is not None:
-                wins.append(list(cand[:n]))
-                if n <= budget:
-                    break
+        golds: list[list[str]] = []
+        # Gold paths generated under this env's setting, then under scienceworld's "easy" preset (the
+        # simulator's generator sometimes fails under openContainers, e.g. task-1-freeze:9, whose
+        # "easy" path wins here). Candidates in order of preference: the first that wins within the
+        # task's budget is kept, else the shortest that wins. Dropping `look around` is the last
+        # resort (an expert that never looks is a worse teacher).
+        for setting in dict.fromkeys([self.simplification, "easy"]):
+            self._load(name, variation, gold=True, simplification=setting)
+            gold = [a for a in self._sim.get_gold_action_sequence() if a]
+            golds.append(gold)
+            goal = self._sim.server.freeActionTaskDesc().strip().removeprefix("Task Description:").strip()
+            candidates = [gold]
+            if shorten:  # teleport or open doors: shorten the walks and the waits
+                candidates = [shorten_gold_path(gold), shorten_gold_path(gold, wait=False), gold,
+                              shorten_gold_path(gold, look=False)]
+            for cand in dict.fromkeys(map(tuple, candidates)):  # unique, in order
+                n = self._replay(name, variation, list(cand))
+                if n is not None:
+                    wins.append(list(cand[:n]))
+                    if n <= budget:
+                        break
+            if any(len(w) <= budget for w in wins):
+                break
         best = next((w for w in wins if len(w) <= budget), min(wins, key=len) if wins else None)
         if best is None:
             logger.warning("ScienceWorld gold path of %s does not win when replayed; returning it as is", task_id)
-            best = gold
+            best = golds[0]
         first = goal.split(". ")[0].removeprefix("Your task is to ").rstrip(".")
         steps = [ExpertStep((f"My task is to {first}. " if i == 0 else "") + _thought(a), a)
                  for i, a in enumerate(best)]

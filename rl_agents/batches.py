@@ -12,6 +12,10 @@ Conventions, fixed for every producer and consumer:
   For a step pair (shared expert prefix + one action), only the final action is turn 0 and the
   prefix's agent turns carry no loss.
 * `num_turns[b]` = number of agent turns that carry loss in sequence b; `turn_mask()` gives (B, T).
+* `end_of_turn[b, j] = 1` iff `input_ids[b, j]` is an agent turn's closing end-of-turn token (ChatML's
+  `<|im_end|>`, Llama-3's `<|eot_id|>`, a generated EOS): part of the turn, with its loss, but
+  told apart from the reply so that a loss can weight it on its own (DMPO's released trainer gives
+  it weight 1, `LossConfig.end_of_turn`). `turn_logps(..., parts=True)` sums the two apart.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class EncodedSequence:
     input_ids: list[int]
     action_mask: list[int]
     turn_index: list[int]
+    end_of_turn: list[int] | None = None
+    """1 on agent turns' closing end-of-turn tokens (module conventions); None = no such marks."""
 
     @property
     def num_turns(self) -> int:
@@ -47,6 +53,7 @@ class TokenBatch:
     action_mask: torch.Tensor  # (B, L) bool, 1 = agent token (carries loss)
     turn_index: torch.Tensor  # (B, L) long, agent turn of the token or -1
     num_turns: torch.Tensor  # (B,) long
+    end_of_turn: torch.Tensor | None = None  # (B, L) bool, 1 = a turn's closing end-of-turn token
 
     @property
     def max_turns(self) -> int:
@@ -58,7 +65,8 @@ class TokenBatch:
         return (torch.arange(t, device=self.num_turns.device)[None, :] < self.num_turns[:, None]).float()
 
     def to(self, device) -> TokenBatch:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -68,14 +76,15 @@ class TokenBatch:
 class PairBatch:
     """Chosen vs rejected trajectories (ETO/DPO/DMPO), or a step pair (Step-DPO, T = 1).
 
-    `ref_*` are the reference policy's per-turn log-prob sums, precomputed once per dataset
-    (None until filled, or when the reference is computed on the fly: LoRA adapter disabled).
+    `ref_*` are the reference policy's per-turn log-prob sums, reply and end-of-turn apart
+    (`turn_logps(..., parts=True)`), precomputed once per dataset (None until filled, or when the
+    reference is computed on the fly: LoRA adapter disabled).
     """
 
     chosen: TokenBatch
     rejected: TokenBatch
-    ref_chosen: torch.Tensor | None = None  # (B, T_chosen) float
-    ref_rejected: torch.Tensor | None = None  # (B, T_rejected) float
+    ref_chosen: torch.Tensor | None = None  # (B, T_chosen, 2) float
+    ref_rejected: torch.Tensor | None = None  # (B, T_rejected, 2) float
 
     def to(self, device) -> PairBatch:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
@@ -151,10 +160,22 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(picked, (1, 0))
 
 
-def turn_logps(tok_logps: torch.Tensor, batch: TokenBatch, num_turns: int | None = None) -> torch.Tensor:
-    """Sum token log-probs per agent turn: (B, L) -> (B, T). Non-agent tokens contribute exactly 0."""
+def turn_logps(tok_logps: torch.Tensor, batch: TokenBatch, num_turns: int | None = None, *,
+               parts: bool = False) -> torch.Tensor:
+    """Sum token log-probs per agent turn: (B, L) -> (B, T). Non-agent tokens contribute exactly 0.
+
+    `parts=True`: (B, T, 2), each turn's reply tokens `[..., 0]` and its end-of-turn tokens `[..., 1]`
+    summed apart (`batch.end_of_turn`; without it every agent token is reply); `.sum(-1)` is (B, T)."""
     t = batch.max_turns if num_turns is None else num_turns
     masked = tok_logps * batch.action_mask.to(tok_logps.dtype)
-    out = torch.zeros(tok_logps.shape[0], max(t, 1), dtype=tok_logps.dtype, device=tok_logps.device)
-    out = out.scatter_add(1, batch.turn_index.clamp(min=0), masked)
+    slots = batch.turn_index.clamp(min=0)  # (B, L)
+    width = max(t, 1)
+    if parts:
+        eot = batch.end_of_turn if batch.end_of_turn is not None else torch.zeros_like(batch.action_mask)
+        slots = slots * 2 + eot.long()  # turn t: reply -> 2t, end-of-turn -> 2t + 1
+        width *= 2
+    out = torch.zeros(tok_logps.shape[0], width, dtype=tok_logps.dtype, device=tok_logps.device)
+    out = out.scatter_add(1, slots, masked)
+    if parts:
+        return out.view(out.shape[0], -1, 2)[:, :t]
     return out[:, :t]

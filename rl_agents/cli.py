@@ -4,7 +4,7 @@
     rl-agents env check ENV_ID [--actions N] [--experts K]
     rl-agents env play ENV_ID [--split S] [--task ID]
     rl-agents data experts ENV_ID --split train --limit N --out FILE.jsonl [--format rl_agents|conversation]
-    rl-agents data convert IN OUT --to rl_agents|conversation
+    rl-agents data convert IN OUT --to rl_agents|conversation    (trajectories, or preference pairs: ETO's format)
     rl-agents train CONFIG.yaml [key=value ...]
     rl-agents eval --model PATH --env ENV_ID --split test_seen [--n N] [--best-of K]
     rl-agents explore --model PATH --env ENV_ID --split train --n N --out FILE.jsonl
@@ -133,9 +133,19 @@ def cmd_data_experts(args) -> int:
 
 
 def cmd_data_convert(args) -> int:
-    from rl_agents.trajectory import read_trajectories, write_conversations, write_jsonl
+    from rl_agents.trajectory import (is_pairs_file, read_pairs, read_trajectories, write_conversations,
+                                      write_eto_pairs, write_jsonl, write_pairs)
 
-    trajs = read_trajectories(args.inp, env_id=args.env_id or "", record_source=False)  # errors: before any write
+    # Errors (file:line, field) come before any write.
+    if is_pairs_file(args.inp):
+        pairs = read_pairs(args.inp, env_id=args.env_id or "")
+        for traj in (t for pair in pairs for t in pair):
+            traj.metadata.pop("source_line", None)
+        (write_eto_pairs if args.to == "conversation" else write_pairs)(args.out, pairs)
+        print(f"wrote {len(pairs)} preference pairs to {args.out} "
+              f"({'ETO pair format' if args.to == 'conversation' else 'rl_agents'})")
+        return 0
+    trajs = read_trajectories(args.inp, env_id=args.env_id or "", record_source=False)
     (write_conversations if args.to == "conversation" else write_jsonl)(args.out, trajs)
     print(f"wrote {len(trajs)} trajectories to {args.out} ({args.to})")
     return 0
@@ -237,10 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rl_agents JSONL, or ETO/FastChat conversations")
     e.add_argument("--env-arg", action="append", metavar="KEY=VALUE", help="constructor argument (repeatable)")
     e.set_defaults(func=cmd_data_experts)
-    cv = data_p.add_parser("convert", help="convert between rl_agents JSONL and ETO/FastChat conversations")
+    cv = data_p.add_parser("convert", help="convert trajectories between rl_agents JSONL and ETO/FastChat "
+                                            "conversations, or preference pairs between ours and ETO's pair format")
     cv.add_argument("inp")
     cv.add_argument("out")
-    cv.add_argument("--to", choices=["rl_agents", "conversation"], required=True)
+    cv.add_argument("--to", choices=["rl_agents", "conversation"], required=True,
+                    help="conversation: ETO/FastChat conversations (trajectories) or ETO's prompt/chosen/rejected (pairs)")
     cv.add_argument("--env-id", default=None, help="env id to record when importing conversations")
     cv.set_defaults(func=cmd_data_convert)
 

@@ -26,7 +26,8 @@ def _padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
 
 def collate_sequences(seqs: Sequence[EncodedSequence], pad_id: int, pad_to_multiple_of: int | None = None,
                       pad_to_length: int | None = None) -> TokenBatch:
-    """Right-pad sequences into a `TokenBatch`: attention_mask and action_mask 0, turn_index -1 on padding.
+    """Right-pad sequences into a `TokenBatch`: attention_mask, action_mask and end_of_turn 0, turn_index -1
+    on padding.
 
     `pad_to_length` pads to at least that many tokens (to give two batches one shape).
     """
@@ -42,40 +43,51 @@ def collate_sequences(seqs: Sequence[EncodedSequence], pad_id: int, pad_to_multi
     attention_mask = torch.zeros((b, length), dtype=torch.long)
     action_mask = torch.zeros((b, length), dtype=torch.bool)
     turn_index = torch.full((b, length), -1, dtype=torch.long)
+    end_of_turn = torch.zeros((b, length), dtype=torch.bool)
     for k, s in enumerate(seqs):
         n = len(s)
         input_ids[k, :n] = torch.tensor(s.input_ids, dtype=torch.long)
         attention_mask[k, :n] = 1
         action_mask[k, :n] = torch.tensor(s.action_mask, dtype=torch.bool)
         turn_index[k, :n] = torch.tensor(s.turn_index, dtype=torch.long)
+        if s.end_of_turn is not None:
+            if len(s.end_of_turn) != n:
+                raise ValueError(f"sequence {k}: end_of_turn must have one entry per token")
+            end_of_turn[k, :n] = torch.tensor(s.end_of_turn, dtype=torch.bool)
     num_turns = torch.tensor([s.num_turns for s in seqs], dtype=torch.long)
-    return TokenBatch(input_ids, attention_mask, action_mask, turn_index, num_turns)
+    return TokenBatch(input_ids, attention_mask, action_mask, turn_index, num_turns, end_of_turn & action_mask)
 
 
 def _per_turn(ref, batch: TokenBatch, name: str) -> torch.Tensor | None:
-    """Reference per-turn log-probs -> (B, T) float, T = batch.max_turns, 0 past each row's turns."""
+    """Reference per-turn log-probs, reply and end-of-turn apart (`turn_logps(..., parts=True)`) ->
+    (B, T, 2) float, T = batch.max_turns, 0 past each row's turns. A row may also give one number per
+    turn (the whole turn's sum): it is taken as the reply part, with 0 for the end-of-turn part."""
     if ref is None:
         return None
     b, t = len(batch), batch.max_turns
     if isinstance(ref, torch.Tensor):
-        if ref.dim() != 2 or ref.shape[0] != b or ref.shape[1] < t:
-            raise ValueError(f"{name}: expected shape ({b}, >={t}), got {tuple(ref.shape)}")
+        if ref.dim() != 3 or ref.shape[0] != b or ref.shape[1] < t or ref.shape[2] != 2:
+            raise ValueError(f"{name}: expected shape ({b}, >={t}, 2), got {tuple(ref.shape)}")
         return ref[:, :t].float()
     if len(ref) != b:
         raise ValueError(f"{name}: expected {b} rows, got {len(ref)}")
-    out = torch.zeros(b, t, dtype=torch.float32)
+    out = torch.zeros(b, t, 2, dtype=torch.float32)
     for k, (row, n) in enumerate(zip(ref, batch.num_turns.tolist())):
-        if len(row) != n:
-            raise ValueError(f"{name}[{k}]: expected {n} per-turn values (one per agent turn), got {len(row)}")
-        out[k, :n] = torch.as_tensor(row, dtype=torch.float32)
+        row = torch.as_tensor(row, dtype=torch.float32)
+        if row.dim() == 1:  # whole turns
+            row = torch.stack([row, torch.zeros_like(row)], dim=-1)
+        if tuple(row.shape) != (n, 2):
+            raise ValueError(f"{name}[{k}]: expected {n} per-turn [reply, end-of-turn] values (one pair per agent "
+                             f"turn), got shape {tuple(row.shape)}")
+        out[k, :n] = row
     return out
 
 
 def collate_pairs(chosen: Sequence[EncodedSequence], rejected: Sequence[EncodedSequence], pad_id: int,
                   ref_chosen=None, ref_rejected=None, pad_to_multiple_of: int | None = None) -> PairBatch:
     """Chosen/rejected sequences -> `PairBatch`, both sides padded to one length so a trainer can
-    run them as one concatenated forward pass. `ref_*`: (B, T) tensors or per-row lists of
-    per-turn reference log-prob sums."""
+    run them as one concatenated forward pass. `ref_*`: (B, T, 2) tensors or per-row lists of
+    per-turn [reply, end-of-turn] reference log-prob sums."""
     if len(chosen) != len(rejected):
         raise ValueError(f"{len(chosen)} chosen vs {len(rejected)} rejected sequences")
     longest = max(len(s) for s in [*chosen, *rejected])

@@ -9,7 +9,7 @@ rendering a probe conversation and cutting it at an assistant turn's end-of-turn
 Token layout of a `Trajectory` (concatenating `turn.token_ids` over the turns gives exactly
 the sequence the policy saw):
 
-* leading system/user turns (before the first agent turn): `prompt_ids(those messages)`, the
+* leading system/user turns (before the first agent turn; prompt turns such as ETO's "OK" among them): `prompt_ids(those messages)`, the
   whole context through the assistant generation prompt. Each turn gets its own span when the
   template renders the messages as a token-prefix-consistent sequence (ChatML and Llama-3 do);
   otherwise all prompt ids go on the last leading turn and the earlier ones get `[]`.
@@ -27,7 +27,7 @@ the sequence the policy saw):
   unclosed: nothing is appended that the policy did not generate.
 
 Masks: `action_mask` is 1 exactly on agent-turn tokens, `turn_index` is t on the t-th agent turn
-and -1 elsewhere (batches.py). A rollout worker fills `Turn.token_ids` like this:
+and -1 elsewhere, `end_of_turn` is 1 on each agent turn's closing end-of-turn token (batches.py). A rollout worker fills `Turn.token_ids` like this:
 
     seg = ChatSegmenter(tokenizer)
     for turn, ids in zip(prompt_turns, seg.prompt_turn_ids(messages)): turn.token_ids = ids
@@ -56,6 +56,7 @@ the policy's ids (tested).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -96,8 +97,9 @@ class ChatSegmenter:
 
     # ---- the contract ----------------------------------------------------------------------
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """system/user messages -> ids of the whole context through the assistant generation prompt."""
-        _check_prompt(messages)
+        """system/user messages (and assistant ones inside, ETO's "OK") -> ids of the whole context
+        through the assistant generation prompt."""
+        _check_prompt(messages, assistant_ok=True)
         return self._chat_ids(messages, add_generation_prompt=True)
 
     def observation_ids(self, text: str) -> list[int]:
@@ -248,12 +250,17 @@ def _align(real: str, literals: list[str], contents: list[str]) -> list[str] | N
     return match(0, 0)
 
 
-def _check_prompt(messages: Sequence[dict]) -> None:
+def _check_prompt(messages: Sequence[dict], *, assistant_ok: bool = False) -> None:
+    """system/user messages; with `assistant_ok` (a prompt) also assistant messages before the last one
+    (ETO's "OK" acknowledgement, a prompt turn)."""
     if not messages:
         raise ValueError("need at least one system/user message")
-    bad = [m.get("role") for m in messages if m.get("role") not in ("system", "user")]
-    if bad:
-        raise ValueError(f"prompt/observation messages must be system or user, got role(s) {bad}")
+    roles = ("system", "user", "assistant") if assistant_ok else ("system", "user")
+    bad = [m.get("role") for m in messages if m.get("role") not in roles]
+    if bad or messages[-1].get("role") == "assistant":
+        raise ValueError(f"prompt/observation messages must be system or user"
+                         f"{' (assistant ones only before the last)' if assistant_ok else ''}, got role(s) "
+                         f"{bad or [messages[-1].get('role')]}")
 
 
 def _messages(turns: Sequence[Turn]) -> list[dict]:
@@ -266,14 +273,14 @@ def tokenize_rollout_turns(turns: Sequence[Turn], segmenter: ChatSegmenter) -> l
     Stored `token_ids` are used as they are (agent turns one by one; a run of non-agent turns
     when all of its turns have them); everything else is built from text by `segmenter`.
     """
-    first = next((i for i, t in enumerate(turns) if t.role == "assistant"), len(turns))
+    first = next((i for i, t in enumerate(turns) if t.is_agent), len(turns))
     if first == 0:
         raise ValueError("a trajectory must start with its prompt (system/user turns) before the first agent turn")
     out: list[list[int]] = []
     prev_action: list[int] = []
     i = 0
     while i < len(turns):
-        if turns[i].role == "assistant":
+        if turns[i].is_agent:
             if i > 0 and turns[i - 1].role == "assistant":
                 raise ValueError(f"turns {i - 1} and {i} are consecutive assistant turns; "
                                  "an observation must separate them")
@@ -283,7 +290,7 @@ def tokenize_rollout_turns(turns: Sequence[Turn], segmenter: ChatSegmenter) -> l
             i += 1
             continue
         j = i
-        while j < len(turns) and turns[j].role != "assistant":
+        while j < len(turns) and not turns[j].is_agent:
             j += 1
         run = turns[i:j]
         if all(t.token_ids is not None for t in run):
@@ -300,15 +307,25 @@ def tokenize_rollout_turns(turns: Sequence[Turn], segmenter: ChatSegmenter) -> l
 def with_token_ids(traj: Trajectory, segmenter: ChatSegmenter) -> Trajectory:
     """A copy of `traj` whose every turn has `token_ids` (a text-only expert made token-exact)."""
     ids = tokenize_rollout_turns(traj.turns, segmenter)
-    turns = [Turn(t.role, t.text, t.reward, i, t.logprobs) for t, i in zip(traj.turns, ids)]
+    turns = [dataclasses.replace(t, token_ids=i) for t, i in zip(traj.turns, ids)]
     return Trajectory(traj.task_id, traj.env_id, turns, traj.reward, traj.success, traj.id, dict(traj.metadata))
 
 
 def _last_agent_turn(turns: Sequence[Turn]) -> int:
-    last = max((i for i, t in enumerate(turns) if t.role == "assistant"), default=-1)
+    last = max((i for i, t in enumerate(turns) if t.is_agent), default=-1)
     if last < 0:
         raise ValueError("the trajectory has no agent (assistant) turn: nothing to train on")
     return last
+
+
+def end_of_turn_marks(ids: Sequence[int], segmenter: ChatSegmenter) -> list[int]:
+    """1 on an agent turn's closing end-of-turn tokens: its trailing `end_of_turn_ids`, or a final stop
+    token (a generated EOS); 0 elsewhere. Text never encodes to these special tokens (module doc), so
+    they are scaffolding the policy generated, never reply text."""
+    ids = list(ids)
+    n = len(segmenter.end_of_turn_ids)
+    k = n if n and ids[-n:] == segmenter.end_of_turn_ids else int(bool(ids) and ids[-1] in segmenter.stop_token_ids)
+    return [0] * (len(ids) - k) + [1] * k
 
 
 def encode_trajectory(traj: Trajectory, segmenter: ChatSegmenter) -> EncodedSequence:
@@ -317,16 +334,18 @@ def encode_trajectory(traj: Trajectory, segmenter: ChatSegmenter) -> EncodedSequ
     input_ids: list[int] = []
     action_mask: list[int] = []
     turn_index: list[int] = []
+    end_of_turn: list[int] = []
     t = 0
     for turn, ids in zip(turns, tokenize_rollout_turns(turns, segmenter)):
-        agent = turn.role == "assistant"
+        agent = turn.is_agent
         input_ids += ids
         action_mask += [int(agent)] * len(ids)
         turn_index += [t if agent else -1] * len(ids)
+        end_of_turn += end_of_turn_marks(ids, segmenter) if agent else [0] * len(ids)
         t += agent
     if action_mask[0]:
         raise ValueError("the trajectory's prompt encodes to no tokens; an agent token cannot come first")
-    return EncodedSequence(input_ids, action_mask, turn_index)
+    return EncodedSequence(input_ids, action_mask, turn_index, end_of_turn)
 
 
 def encode_step(traj: Trajectory, step: int, action_ids_or_text: list[int] | str,
@@ -335,7 +354,7 @@ def encode_step(traj: Trajectory, step: int, action_ids_or_text: list[int] | str
 
     The action is the ids an engine generated (kept as they are) or a text (encoded plus end-of-turn).
     """
-    agent_idx = [i for i, t in enumerate(traj.turns) if t.role == "assistant"]
+    agent_idx = [i for i, t in enumerate(traj.turns) if t.is_agent]
     if not 0 <= step < len(agent_idx):
         raise IndexError(f"step {step} out of range: the trajectory has {len(agent_idx)} agent turns")
     prefix = [i for ids in tokenize_rollout_turns(traj.turns[:agent_idx[step]], segmenter) for i in ids]
@@ -346,4 +365,5 @@ def encode_step(traj: Trajectory, step: int, action_ids_or_text: list[int] | str
     if not action:
         raise ValueError("the action has no tokens")
     n, m = len(prefix), len(action)
-    return EncodedSequence(prefix + action, [0] * n + [1] * m, [-1] * n + [0] * m)
+    return EncodedSequence(prefix + action, [0] * n + [1] * m, [-1] * n + [0] * m,
+                           [0] * n + end_of_turn_marks(action, segmenter))

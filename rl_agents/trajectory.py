@@ -12,10 +12,24 @@ format (`{"id", "conversations": [{"from": "human"|"gpt", "value"}]}`, and `role
 `messages`) lets other tools read our data and us read theirs. Malformed records raise
 `TrajectoryFormatError` naming the file, the line and the field; `read_trajectories` reads
 either format (decided once per file, so its errors are that format's, at the true line).
+
+ETO's and DMPO's data open with the instruction and the agent's acknowledgement, `[human:
+instruction, gpt: "OK", human: task, gpt: first action, ...]`. Both treat that opening as prompt:
+ETO's pair builder puts it in `prompt`, DMPO's trainer skips round 0 when it weights turns. We
+import the "OK" as a turn with `prompt=True`: rendered as the assistant message it is, but not an
+agent turn (no loss, not counted by `agent_turns`, so DMPO's turn 0 is the first action), and
+exported back as it came. Ids keep their JSON type (ETO's WebShop ids are integers), and fields
+we do not use (ALFWorld's `game_file`) are kept and written back.
+
+Preference pairs (`read_pairs`, `write_pairs`): ETO's format, a JSON list of `{"id", "prompt":
+[...], "chosen": [...], "rejected": [...]}` conversation lists as ETO's `construct_preference.py`
+writes them (`prompt` = instruction, "OK" and the task; both sides end with an agent turn), and
+ours, JSONL of `{"id", "chosen": <trajectory>, "rejected": <trajectory>}`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -46,6 +60,14 @@ class Turn:
     turns; for agent turns exactly what the engine generated). None for text-only records."""
     logprobs: list[float] | None = None
     """Sampling log-probs of `token_ids` (agent turns from a rollout)."""
+    prompt: bool = False
+    """Part of the prompt although written by the assistant (ETO's "OK" acknowledgement of the
+    instruction): rendered as its role, carries no loss, not an agent turn."""
+
+    @property
+    def is_agent(self) -> bool:
+        """An agent turn: the assistant's output that training sees (not a prompt turn)."""
+        return self.role == "assistant" and not self.prompt
 
 
 @dataclass
@@ -63,7 +85,7 @@ class Trajectory:
     # ---- views ------------------------------------------------------------------------------
     @property
     def agent_turns(self) -> list[Turn]:
-        return [t for t in self.turns if t.role == "assistant"]
+        return [t for t in self.turns if t.is_agent]
 
     @property
     def num_steps(self) -> int:
@@ -80,6 +102,8 @@ class Trajectory:
             for k in ("token_ids", "logprobs"):
                 if t[k] is None:
                     del t[k]
+            if not t["prompt"]:
+                del t["prompt"]
         return d
 
     @classmethod
@@ -105,46 +129,73 @@ class Trajectory:
                    success=bool(d.get("success", False)), id=str(d.get("id", "")), metadata=metadata)
 
     def to_conversation(self) -> dict[str, Any]:
-        """ETO/FastChat conversation record (text only; readable by FastChat, ETO, TRL tooling)."""
-        conv = [{"from": {"user": "human", "assistant": "gpt", "system": "system"}[t.role], "value": t.text}
-                for t in self.turns]
-        return {"id": self.id or self.task_id, "task_id": self.task_id, "env_id": self.env_id,
-                "reward": self.reward, "success": self.success, "conversations": conv}
+        """ETO/FastChat conversation record (text only; readable by FastChat, ETO, TRL tooling).
+        An imported record comes back with its id as it came and its other fields."""
+        conv = [{"from": _TO_FASTCHAT[t.role], "value": t.text} for t in self.turns]
+        rid = self.metadata["conversation_id"] if "conversation_id" in self.metadata else self.id or self.task_id
+        return {**self.metadata.get("conversation_extra", {}), "id": rid, "task_id": self.task_id,
+                "env_id": self.env_id, "reward": self.reward, "success": self.success, "conversations": conv}
 
     @classmethod
     def from_conversation(cls, d: Any, env_id: str = "", where: str = "record") -> Trajectory:
-        """Read `{"id", "conversations": [{"from", "value"}]}` or `{"id", "messages": [{"role", "content"}]}`."""
+        """Read `{"id", "conversations": [{"from", "value"}]}` or `{"id", "messages": [{"role", "content"}]}`.
+
+        ETO's opening (human, gpt "OK", human, ...) makes the "OK" a prompt turn (module docstring)."""
         if not isinstance(d, dict):
             raise TrajectoryFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if "conversations" in d:
-            key, rk, vk = "conversations", "from", "value"
+            key = "conversations"
         elif "messages" in d:
-            key, rk, vk = "messages", "role", "content"
+            key = "messages"
         else:
             raise TrajectoryFormatError(f"{where}: field 'conversations' (or 'messages') is missing")
-        items = d[key]
-        if not isinstance(items, list) or not items:
-            raise TrajectoryFormatError(f"{where}: field {key!r} must be a non-empty list")
-        turns = []
-        for i, m in enumerate(items):
-            fw = f"{where}: field '{key}[{i}]"
-            if not isinstance(m, dict):
-                raise TrajectoryFormatError(f"{fw}' must be an object")
-            # FastChat files sometimes use role/content inside "conversations" and vice versa.
-            r = m.get(rk, m.get("role", m.get("from")))
-            v = m.get(vk, m.get("content", m.get("value")))
-            if r not in _FASTCHAT_ROLE:
-                raise TrajectoryFormatError(f"{fw}.{rk}' must be one of {sorted(_FASTCHAT_ROLE)}, got {r!r}")
-            if not isinstance(v, str):
-                raise TrajectoryFormatError(f"{fw}.{vk}' must be a string")
-            turns.append(Turn(role=_FASTCHAT_ROLE[r], text=v))
-        rid = str(d.get("id", ""))
+        turns = conversation_turns(d[key], f"{where}: field '{key}", names=_NAMES[key])
+        rid = d.get("id", "")
         reward = d.get("reward", 1.0)
         if not isinstance(reward, (int, float)) or isinstance(reward, bool):
             raise TrajectoryFormatError(f"{where}: field 'reward' must be a number, got {reward!r}")
+        metadata: dict[str, Any] = {"source": "conversation"}
+        if not isinstance(rid, str):
+            metadata["conversation_id"] = rid  # written back as it came (an int stays an int)
+        extra = {k: v for k, v in d.items() if k not in _CONVERSATION_FIELDS}
+        if extra:
+            metadata["conversation_extra"] = extra
         return cls(task_id=str(d.get("task_id", rid)), env_id=str(d.get("env_id", env_id)), turns=turns,
-                   reward=float(reward), success=bool(d.get("success", reward >= 1.0)), id=rid,
-                   metadata={"source": "conversation"})
+                   reward=float(reward), success=bool(d.get("success", reward >= 1.0)), id=str(rid),
+                   metadata=metadata)
+
+
+_TO_FASTCHAT = {"user": "human", "assistant": "gpt", "system": "system"}
+_CONVERSATION_FIELDS = {"id", "task_id", "env_id", "reward", "success", "conversations", "messages"}
+ETO_ACKNOWLEDGEMENT = "OK"
+
+
+_NAMES = {"conversations": ("from", "value"), "messages": ("role", "content"), "prompt": ("from", "value"),
+          "chosen": ("from", "value"), "rejected": ("from", "value")}
+
+
+def conversation_turns(items: Any, where: str, names: tuple[str, str] = ("from", "value")) -> list[Turn]:
+    """`[{"from", "value"}]` (or `role/content`) -> turns; `where` is "file:line: field 'key" for errors.
+    The ETO/DMPO opening (user, assistant "OK", user, ...) makes that "OK" a prompt turn."""
+    if not isinstance(items, list) or not items:
+        raise TrajectoryFormatError(f"{where}' must be a non-empty list")
+    turns = []
+    for i, m in enumerate(items):
+        fw = f"{where}[{i}]"
+        if not isinstance(m, dict):
+            raise TrajectoryFormatError(f"{fw}' must be an object")
+        # FastChat files sometimes use role/content inside "conversations" and vice versa.
+        rk, vk = names
+        r, v = m.get(rk, m.get("role", m.get("from"))), m.get(vk, m.get("content", m.get("value")))
+        if r not in _FASTCHAT_ROLE:
+            raise TrajectoryFormatError(f"{fw}.{rk}' must be one of {sorted(_FASTCHAT_ROLE)}, got {r!r}")
+        if not isinstance(v, str):
+            raise TrajectoryFormatError(f"{fw}.{vk}' must be a string")
+        turns.append(Turn(role=_FASTCHAT_ROLE[r], text=v))
+    roles = [t.role for t in turns[:3]]
+    if roles == ["user", "assistant", "user"] and turns[1].text.strip() == ETO_ACKNOWLEDGEMENT:
+        turns[1].prompt = True
+    return turns
 
 
 def _turn_from_dict(t: Any, where: str) -> Turn:
@@ -166,8 +217,12 @@ def _turn_from_dict(t: Any, where: str) -> Turn:
     reward = t.get("reward", 0.0)
     if not isinstance(reward, (int, float)) or isinstance(reward, bool):
         raise TrajectoryFormatError(f"{where}.reward' must be a number")
+    prompt = t.get("prompt", False)
+    if not isinstance(prompt, bool) or (prompt and role != "assistant"):
+        raise TrajectoryFormatError(f"{where}.prompt' must be true (an assistant turn that is part of the prompt) "
+                                    f"or false, got {prompt!r} on a {role} turn")
     return Turn(role=role, text=t["text"], reward=float(reward), token_ids=ids,
-                logprobs=[float(x) for x in lps] if lps is not None else None)
+                logprobs=[float(x) for x in lps] if lps is not None else None, prompt=prompt)
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -309,3 +364,107 @@ def write_jsonl(path: str | os.PathLike, trajectories: Iterable[Trajectory]) -> 
 
 def write_conversations(path: str | os.PathLike, trajectories: Iterable[Trajectory]) -> None:
     atomic_write_text(path, "".join(json.dumps(t.to_conversation()) + "\n" for t in trajectories))
+
+
+# ---- preference pairs ----------------------------------------------------------------------------
+Pair = tuple[Trajectory, Trajectory]
+
+
+def pair_from_eto(d: Any, env_id: str = "", where: str = "record") -> Pair:
+    """ETO's `{"id", "prompt", "chosen", "rejected"}` -> (chosen, rejected) trajectories, each the
+    prompt followed by its side. ETO's pairs carry no rewards: chosen is recorded as 1, rejected as 0."""
+    if not isinstance(d, dict):
+        raise TrajectoryFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in d:
+            raise TrajectoryFormatError(f"{where}: field {key!r} is missing (ETO's pair format: "
+                                        "'id', 'prompt', 'chosen', 'rejected')")
+    prompt = conversation_turns(d["prompt"], f"{where}: field 'prompt")
+    rid = d.get("id", "")
+    sides = []
+    for key, reward in (("chosen", 1.0), ("rejected", 0.0)):
+        side = conversation_turns(d[key], f"{where}: field '{key}")
+        if not side[-1].is_agent:
+            raise TrajectoryFormatError(f"{where}: field '{key}' must end with an agent (gpt) turn")
+        turns = [dataclasses.replace(t) for t in prompt] + side  # the "OK" is already a prompt turn
+        metadata: dict[str, Any] = {"source": "eto_pair", "pair_side": key}
+        if not isinstance(rid, str):
+            metadata["conversation_id"] = rid
+        sides.append(Trajectory(task_id=str(d.get("task_id", rid)), env_id=str(d.get("env_id", env_id)),
+                                turns=turns, reward=reward, success=reward >= 1.0, id=str(rid), metadata=metadata))
+    return sides[0], sides[1]
+
+
+def pair_to_eto(chosen: Trajectory, rejected: Trajectory) -> dict[str, Any]:
+    """(chosen, rejected) -> ETO's pair record: `prompt` = the turns before the first agent turn
+    (the same on both sides, else ValueError), each side through its last agent turn."""
+    def split(traj: Trajectory) -> tuple[list[Turn], list[Turn]]:
+        agent = [i for i, t in enumerate(traj.turns) if t.is_agent]
+        if not agent:
+            raise ValueError(f"trajectory {traj.id or traj.task_id} has no agent turn")
+        return traj.turns[:agent[0]], traj.turns[agent[0]:agent[-1] + 1]
+
+    (pc, c), (pr, r) = split(chosen), split(rejected)
+    if [(t.role, t.text) for t in pc] != [(t.role, t.text) for t in pr]:
+        raise ValueError(f"pair {chosen.id or chosen.task_id}: chosen and rejected start from different prompts")
+    conv = lambda turns: [{"from": _TO_FASTCHAT[t.role], "value": t.text} for t in turns]  # noqa: E731
+    rid = chosen.metadata["conversation_id"] if "conversation_id" in chosen.metadata else chosen.id or chosen.task_id
+    return {"id": rid, "prompt": conv(pc), "chosen": conv(c), "rejected": conv(r)}
+
+
+def _pair_from_dict(d: Any, where: str) -> Pair:
+    if not isinstance(d, dict):
+        raise TrajectoryFormatError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    return (Trajectory.from_dict(d.get("chosen"), f"{where}: field 'chosen'"),
+            Trajectory.from_dict(d.get("rejected"), f"{where}: field 'rejected'"))
+
+
+def is_pair_record(d: Any) -> bool:
+    return isinstance(d, dict) and "chosen" in d and "rejected" in d
+
+
+def _first_record(path: str | os.PathLike, text: str) -> tuple[str, Any] | None:
+    if text.lstrip(_JSON_WS).startswith("["):
+        return next(((where, d) for where, _, d in _iter_json_list(path, text)), None)
+    return next(_iter_json_lines(path, text), None)
+
+
+def is_pairs_file(path: str | os.PathLike) -> bool:
+    """Whether the file's first record is a preference pair (either format) rather than a trajectory."""
+    first = _first_record(path, _read_text(path))
+    return first is not None and is_pair_record(first[1])
+
+
+def read_pairs(path: str | os.PathLike, env_id: str = "") -> list[Pair]:
+    """Preference pairs of either format (module docstring), JSONL or a JSON list; the format is
+    decided from the first record (`prompt`: ETO's, else ours); errors name file:line and field."""
+    text = _read_text(path)
+    if not text.strip(_JSON_WS):
+        raise TrajectoryFormatError(f"{path}: no pairs (the file is empty)")
+    if text.lstrip(_JSON_WS).startswith("["):
+        records = [(where, d) for where, _, d in _iter_json_list(path, text)]
+    else:
+        records = list(_iter_json_lines(path, text))
+    if not records:
+        raise TrajectoryFormatError(f"{path}: no pairs (the list is empty)")
+    where, first = records[0]
+    if not is_pair_record(first):
+        raise TrajectoryFormatError(f"{where}: not a preference pair: fields 'chosen' and 'rejected' are missing")
+    if "prompt" in first:
+        pairs = [pair_from_eto(d, env_id, w) for w, d in records]
+    else:
+        pairs = [_pair_from_dict(d, w) for w, d in records]
+    for (where, _), (c, r) in zip(records, pairs):
+        c.metadata["source_line"] = r.metadata["source_line"] = where.split(": record")[0]
+    return pairs
+
+
+def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> None:
+    """Our pair format: JSONL of `{"id", "chosen": <trajectory>, "rejected": <trajectory>}`."""
+    atomic_write_text(path, "".join(json.dumps({"id": c.id or c.task_id, "chosen": c.to_dict(), "rejected": r.to_dict()})
+                                    + "\n" for c, r in pairs))
+
+
+def write_eto_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> None:
+    """ETO's pair format, as its `construct_preference.py` writes it (a JSON list, indent 4)."""
+    atomic_write_text(path, json.dumps([pair_to_eto(c, r) for c, r in pairs], indent=4) + "\n")

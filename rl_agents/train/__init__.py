@@ -103,9 +103,16 @@ def _resolve_ref(objective, cfg: TrainConfig, ref, n: int):
         if ref == "adapter" and not cfg.lora.enabled:
             raise ValueError("ref='adapter' needs lora.enabled (the reference is the adapter-disabled model)")
         return ref
-    ref = [(list(map(float, c)), list(map(float, r))) for c, r in ref]
+    def turns(values) -> list:  # per turn: a number (the whole turn) or [reply, end-of-turn]
+        return [float(v) if isinstance(v, (int, float)) else [float(x) for x in v] for v in values]
+
+    ref = [(turns(c), turns(r)) for c, r in ref]
     if len(ref) != n:
         raise ValueError(f"ref has {len(ref)} entries for {n} examples")
+    whole = any(isinstance(v, float) for c, r in ref for v in (*c, *r))
+    if whole and objective.name == "dmpo" and cfg.loss.end_of_turn == "one":
+        raise ValueError("loss.end_of_turn='one' weights each turn's end-of-turn tokens apart: give the reference "
+                         "per turn as [reply, end-of-turn] log-prob sums, not one number")
     return ref
 
 

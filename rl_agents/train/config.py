@@ -102,6 +102,11 @@ class LossConfig:
     """β of DPO/DMPO/Step-DPO (ETO 0.1, 0.5 on ALFWorld; DMPO 0.1)."""
     gamma: float = 0.7
     """DMPO discount γ ∈ (0, 1] (released code 0.7)."""
+    end_of_turn: Literal["turn", "one"] = "turn"
+    """DMPO: the weight of each agent turn's closing end-of-turn token. 'turn': its turn's φ(t, T), as
+    the rest of the turn (eq. 16 weights log π(a_t|s_t), and a_t ends with it: the agent decides to
+    stop); 'one': weight 1, as DMPO's released trainer does (its φ covers the reply tokens only, the
+    separator after each reply keeps coefficient 1). docs/papers.md."""
     clip_eps: float = 0.2
     """PPO clip range ε of the ratio (Schulman et al. 2017: 0.2; StepAgent reports none)."""
     entropy_coef: float = 0.0
@@ -114,6 +119,7 @@ class LossConfig:
     def __post_init__(self):
         _check(self.beta > 0 and math.isfinite(self.beta), "loss.beta", "must be a finite number > 0", self.beta)
         _check(0 < self.gamma <= 1, "loss.gamma", "must be in (0, 1]", self.gamma)
+        _check(self.end_of_turn in ("turn", "one"), "loss.end_of_turn", "must be 'turn' or 'one'", self.end_of_turn)
         _check(self.clip_eps > 0 and math.isfinite(self.clip_eps), "loss.clip_eps", "must be a finite number > 0",
                self.clip_eps)
         _check(self.entropy_coef >= 0 and math.isfinite(self.entropy_coef), "loss.entropy_coef",

@@ -130,3 +130,48 @@ def test_dmpo_is_a_tune_trainable(tmp_path):
     assert sorted(df["config/beta"]) == [0.1, 0.5]
     assert all(math.isfinite(x) for x in df["loss/dmpo"]) and (df["data/pairs"] >= 4).all()
     assert "eval/test_seen/avg_reward" in df.columns
+
+
+def _eto_records(n: int) -> tuple[list[dict], list[dict]]:
+    """ETO-format SFT records and pair records made from TextShop's replayed experts, as ETO writes
+    them: the instruction and the agent's "OK", then the task; ids are integers."""
+    from rl_agents.experts import iter_expert_trajectories
+
+    sft, pairs = [], []
+    for k, traj in enumerate(iter_expert_trajectories("rl_agents/TextShop-v0", "train", n, progress=False)):
+        system, task, *rest = traj.turns
+        rest = rest[:-1] if rest[-1].role == "user" else rest  # ETO's records end with the agent's turn
+        conv = lambda turns: [{"from": {"user": "human", "assistant": "gpt"}[t.role], "value": t.text}  # noqa: E731
+                              for t in turns]
+        prompt = [{"from": "human", "value": system.text}, {"from": "gpt", "value": "OK"},
+                  {"from": "human", "value": task.text}]
+        sft.append({"id": k, "conversations": prompt + conv(rest)})
+        pairs.append({"id": k, "prompt": prompt, "chosen": conv(rest),
+                      "rejected": [{"from": "gpt", "value": "Thought: I give up.\nAction: click[Back to Search]"}]})
+    return sft, pairs
+
+
+@pytest.mark.slow
+def test_eto_format_files_train_directly(tmp_path, ray_cluster):
+    """A user's own ETO-format files: SFT from `env.expert_data=FILE` (a JSON list with the "OK"
+    opening), DMPO from `pairs_file=FILE` (ETO's pair format) with the released trainer's
+    end-of-turn weight; the pairs it trained on export back to the same file."""
+    sft_records, pair_records = _eto_records(4)
+    (tmp_path / "sft.json").write_text(json.dumps(sft_records, indent=4))
+    (tmp_path / "pairs.json").write_text(json.dumps(pair_records, indent=4))
+    start = _weights(tiny_llama_dir())
+    runs = {"sft": ["env.expert_data=" + str(tmp_path / "sft.json")],
+            "dmpo": ["pairs_file=" + str(tmp_path / "pairs.json"), "train.loss.end_of_turn=one"]}
+    for name, extra in runs.items():
+        run_dir = tmp_path / name
+        yaml = str(ROOT / "examples" / f"{name}_textshop.yaml")
+        assert main(["train", yaml, "--no-start-eval", *SMOKE, *extra, f"run_dir={run_dir}"]) == 0
+        state = Algorithm.restore(run_dir)
+        metrics = state.history[-1]
+        assert math.isfinite(metrics[f"loss/{name}"])
+        end = _weights(state.policy)
+        assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert metrics["data/pairs"] == 4 and "explore/avg_reward" not in metrics  # the file's pairs, no exploration
+    assert main(["data", "convert", str(tmp_path / "dmpo" / "trajectories" / "pairs_iter0.jsonl"),
+                 str(tmp_path / "back.json"), "--to", "conversation"]) == 0
+    assert json.loads((tmp_path / "back.json").read_text()) == pair_records

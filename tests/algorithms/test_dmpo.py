@@ -210,3 +210,101 @@ def test_shape_errors():
         dmpo_loss(x, x, torch.ones(2, 2), x, x, torch.ones(2, 3), beta=0.1, gamma=0.7)
     with pytest.raises(ValueError):  # batch sizes differ
         dmpo_loss(x, x, torch.ones(2, 3), x[:1], x[:1], torch.ones(1, 3), beta=0.1, gamma=0.7)
+
+
+# ---- end-of-turn tokens: ours ('turn') and the released trainer's ('one') ----------------------------
+def test_end_of_turn_option_hand_values():
+    """β = 0.5, γ = 0.5; each turn's log-ratio in two parts, [reply, end-of-turn].
+
+    Chosen, T = 2: reply Δ = (0.6, -0.3), end-of-turn Δ = (0.2, 0.1); φ(0, 2) = 1, φ(1, 2) = 0.5·0.5/0.75 = 1/3.
+      'turn': 1·(0.6 + 0.2) + 1/3·(-0.3 + 0.1) = 0.8 - 0.2/3 = 0.7333333
+      'one':  1·0.6 + 1/3·(-0.3) + 1·0.2 + 1·0.1 = 0.6 - 0.1 + 0.3 = 0.8
+    Rejected, T = 1: reply Δ = -0.4, end-of-turn Δ = 0.5; φ(0, 1) = 1: 0.1 either way.
+    'turn': z = 0.5·(0.7333333 - 0.1) = 0.3166667, loss = log(1 + e^-0.3166667) = log(1.7285464) = 0.5472965
+    'one':  z = 0.5·(0.8 - 0.1) = 0.35,          loss = log(1 + e^-0.35) = log(1.7046881) = 0.5333822
+    """
+    pol_w = torch.tensor([[[0.6, 0.2], [-0.3, 0.1]]], dtype=f64)
+    pol_l = torch.tensor([[[-0.4, 0.5], [9.0, 9.0]]], dtype=f64)  # a padded second turn: masked out
+    mask_w, mask_l = torch.ones(1, 2), torch.tensor([[1.0, 0.0]])
+    zero_w, zero_l = torch.zeros_like(pol_w), torch.zeros_like(pol_l)
+    args = (pol_w, zero_w, mask_w, pol_l, zero_l, mask_l)
+    turn = dmpo_loss(*args, beta=0.5, gamma=0.5, end_of_turn="turn")
+    one = dmpo_loss(*args, beta=0.5, gamma=0.5, end_of_turn="one")
+    assert turn.item() == pytest.approx(math.log1p(math.exp(-0.5 * (0.8 - 0.2 / 3 - 0.1))), abs=1e-12)
+    assert turn.item() == pytest.approx(0.5472965, abs=1e-7)
+    assert one.item() == pytest.approx(math.log1p(math.exp(-0.35)), abs=1e-12)
+    assert one.item() == pytest.approx(0.5333822, abs=1e-7)
+    # 'turn' on the parts equals the loss on whole turns (the sum of the parts)
+    whole = dmpo_loss(pol_w.sum(-1), zero_w.sum(-1), mask_w, pol_l.sum(-1), zero_l.sum(-1), mask_l, beta=0.5, gamma=0.5)
+    assert turn.item() == pytest.approx(whole.item(), abs=1e-15)
+    rewards = dmpo_rewards(*args, beta=0.5, gamma=0.5, end_of_turn="one")
+    assert rewards.chosen.item() == pytest.approx(0.4) and rewards.rejected.item() == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="two parts"):
+        dmpo_loss(pol_w.sum(-1), zero_w.sum(-1), mask_w, pol_l.sum(-1), zero_l.sum(-1), mask_l, beta=0.5, gamma=0.5,
+                  end_of_turn="one")
+    with pytest.raises(ValueError, match="end_of_turn must be one of"):
+        dmpo_loss(*args, beta=0.5, gamma=0.5, end_of_turn="eos")
+
+
+def _released_side_logp(input_ids, labels_mask, turn_of, logps, im_end, gamma):
+    """DMPO's released trainer (`swt-user/DMPO`: `mask_labels` + `get_batch_loss_metrics` +
+    `get_batch_logps`), on one sequence: coefficient φ(j, R) on the reply tokens of round j ≥ 1
+    (round 0, the instruction and "OK", is prompt), 1 on every other labelled token (the separator
+    after each reply), summed with the per-token log-probs. Rounds are read off the token ids
+    (`im_end`), not off our end-of-turn marks."""
+    rounds = max(turn_of) + 1
+    total = 0.0
+    for tok, lab, j, lp in zip(input_ids, labels_mask, turn_of, logps):
+        if not lab:
+            continue
+        if tok == im_end:
+            coef = 1.0
+        elif gamma < 1:
+            coef = gamma**j * (1 - gamma ** (rounds - j)) / (1 - gamma**rounds)
+        else:
+            coef = (rounds - j) / rounds
+        total += coef * lp
+    return total
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.7, 1.0])
+def test_end_of_turn_one_matches_the_released_trainer_on_exact_token_layouts(tokenizer, segmenter, gamma):
+    """An ETO-format pair (instruction, "OK", task, ...) encoded with SmolLM2's ChatML template; random
+    per-token log-probs; our 'one' loss vs the released trainer's token coefficients, float64."""
+    from rl_agents.batches import turn_logps
+    from rl_agents.collate import collate_sequences
+    from rl_agents.tokenization import encode_trajectory
+    from rl_agents.trajectory import pair_from_eto
+
+    def conv(*pairs):
+        return [{"from": f, "value": v} for f, v in pairs]
+
+    record = {"id": 5, "prompt": conv(("human", "Shop for me."), ("gpt", "OK"), ("human", "Find a red shirt.")),
+              "chosen": conv(("gpt", "Thought: search.\nAction: search[red shirt]"), ("human", "Results: B01."),
+                             ("gpt", "Thought: open it.\nAction: click[B01]"), ("human", "Item page."),
+                             ("gpt", "Thought: buy.\nAction: click[Buy Now]")),
+              "rejected": conv(("gpt", "Thought: hm.\nAction: search[hat]"), ("human", "Results: H9."),
+                               ("gpt", "Thought: buy.\nAction: click[Buy Now]"))}
+    chosen, rejected = pair_from_eto(record)
+    seqs = [encode_trajectory(chosen, segmenter), encode_trajectory(rejected, segmenter)]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    g = torch.Generator().manual_seed(0)
+    pol = [torch.rand(len(s), generator=g, dtype=f64) * -3 for s in seqs]
+    ref = [torch.rand(len(s), generator=g, dtype=f64) * -3 for s in seqs]
+    released = [_released_side_logp(s.input_ids, s.action_mask, s.turn_index, p.tolist(), im_end, gamma)
+                - _released_side_logp(s.input_ids, s.action_mask, s.turn_index, r.tolist(), im_end, gamma)
+                for s, p, r in zip(seqs, pol, ref)]
+    beta = 0.1
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(beta * (released[0] - released[1]), dtype=f64))
+
+    parts = []
+    for s, p, r in zip(seqs, pol, ref):
+        batch = collate_sequences([s], pad_id=0)
+        parts.append((turn_logps(p[None].clone(), batch, parts=True), turn_logps(r[None].clone(), batch, parts=True),
+                      batch.turn_mask()))
+    (pc, rc, mc), (pr, rr, mr) = parts
+    assert pc.shape == (1, 3, 2) and pr.shape == (1, 2, 2)  # the "OK" is no turn: T = 3 and 2
+    ours = dmpo_loss(pc, rc, mc, pr, rr, mr, beta=beta, gamma=gamma, end_of_turn="one")
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-13)
+    turn = dmpo_loss(pc, rc, mc, pr, rr, mr, beta=beta, gamma=gamma, end_of_turn="turn")
+    assert abs(turn.item() - expected.item()) > 1e-6  # the two conventions really differ here

@@ -14,7 +14,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers rl_agents/ScienceWorld-v0)
 from envs.checker import replay_expert
-from envs.sciworld import MAX_STEPS, ScienceWorldEnv, parse_task_id, shorten_gold_path
+from envs.sciworld import ETO_INSTRUCTION, MAX_STEPS, ScienceWorldEnv, parse_task_id, shorten_gold_path
 from tests.envs.conftest import hostile_actions, rollout
 
 pytestmark = pytest.mark.sciworld
@@ -87,12 +87,54 @@ def test_reset_step_contract_and_failure(env):
     obs, r, term, trunc, info = env.step("teleport to kitchen")
     assert obs == "You teleport to the kitchen." and 0 < r < 0.1 and not term and not trunc
     assert info["score"] == round(100 * r) and info["reward_total"] == r and "valid_actions" not in info
-    # focusing on the wrong object fails the task: score -100, terminated, final reward 0
+    best = info["score"]
+    # focusing on the wrong object fails the task: score -100, terminated; the episode keeps the best
+    # score it reached (ETO's metric), so this step pays 0 and the final reward stays best / 100
     obs, r, term, trunc, info = env.step("focus on door to hallway")
     assert term and not trunc and info["score"] == -100 and not info["won"]
-    assert math.isclose(info["reward_total"], 0.0, abs_tol=1e-12) and r < 0
+    assert r == 0.0 and info["best_score"] == best and math.isclose(info["reward_total"], best / 100)
     with pytest.raises(RuntimeError, match="reset"):
         env.step("look around")
+
+
+PAINT = "task-5-chemistry-mix-paint-(secondary-color):17"
+
+
+def test_reward_is_the_best_score_reached_as_etos_metric(env):
+    """A replay whose score rises to 30 and then falls to -100 (a wrong focus): ETO's evaluation
+    keeps the best score, 0.30; the final score (-100, kept in `info["score"]`) would give 0."""
+    env.reset(options={"task_id": PAINT})
+    rewards, scores, best = [], [], []
+    for action in ["teleport to workshop", "look around", "focus on air"]:
+        _, r, term, _, info = env.step(action)
+        rewards.append(r)
+        scores.append(info["score"])
+        best.append(info["best_score"])
+    assert scores == [30, 30, -100] and best == [30, 30, 30] and term and not info["won"]
+    assert rewards == [pytest.approx(0.3), 0.0, 0.0] and info["reward_total"] == pytest.approx(0.3)
+    assert all(r >= 0 for r in rewards)  # the best score never falls, so no step pays a negative reward
+
+
+def test_default_setting_is_etos_containers_open(env):
+    """ETO's prompt says every container is already open and its recorded observations show them
+    open; scienceworld's "easy" preset leaves them closed. The default lists ETO's five."""
+    assert env.simplification.split(",") == ["teleportAction", "openDoors", "openContainers",
+                                             "selfWateringFlowerPots", "noElectricalAction"]
+    assert env.action_help == ETO_INSTRUCTION and "All containers in the environment have already been opened" \
+        in env.action_help
+    env.reset(options={"task_id": PAINT})
+    env.step("teleport to kitchen")
+    obs, *_ = env.step("look around")
+    assert "The cupboard door is open. In the cupboard is: a ceramic cup" in obs
+    assert "The fridge door is open. In the fridge is: a wood cup (containing orange juice)." in obs
+    easy = ScienceWorldEnv(simplification="easy")
+    try:
+        easy.reset(options={"task_id": PAINT})
+        easy.step("teleport to kitchen")
+        obs, *_ = easy.step("look around")
+        assert "The cupboard door is closed." in obs and "In the cupboard is" not in obs
+    finally:
+        easy.close()
 
 
 def test_turn_budget_truncates(env):
@@ -163,10 +205,12 @@ def test_hostile_actions_never_raise(env):
 
 @pytest.mark.slow
 def test_experts_win_on_every_task_type(env):
-    """One train task of each of the 24 task types replays to final reward 1.0 (score 100).
+    """One train task of each of the 24 task types replays to final reward 1.0 (score 100), but for
+    grow-fruit's first (:53): under ETO's open containers the bees leave the open hive and no gold
+    path wins (0.48, documented in envs/sciworld.py); its :11 wins.
 
     Expert replays are not cut by the agent's budget (`reset` option `max_turns`); only grow-fruit's
-    gold path (62 steps after shortening) is longer than ETO's budget for it (60)."""
+    gold path is longer than ETO's budget for it (60)."""
     first = {}
     for t in env.list_tasks("train"):
         first.setdefault(parse_task_id(t)[0], t)
@@ -178,7 +222,9 @@ def test_experts_win_on_every_task_type(env):
         rewards[task] = replay_expert(env, task)
         if len(steps) > env.max_turns_for(task):
             over_budget.append(parse_task_id(task)[0])
+    assert rewards.pop("task-4-grow-fruit:53") == 0.48
     assert all(r == 1.0 for r in rewards.values()), rewards
+    assert replay_expert(env, "task-4-grow-fruit:11") == 1.0
     assert over_budget == ["task-4-grow-fruit"], over_budget
 
 

@@ -33,13 +33,19 @@ def test_collate_right_pads_with_neutral_masks():
 
 def test_collate_pairs_shares_one_length_and_pads_reference_turns():
     chosen, rejected = [_seq(3, 2, 2), _seq(2, 1)], [_seq(3, 5), _seq(2, 1, 1, 1)]
-    pair = collate_pairs(chosen, rejected, pad_id=0, ref_chosen=[[-1.0, -2.0], [-3.0]],
-                         ref_rejected=torch.tensor([[-4.0, 0, 0], [-5.0, -6.0, -7.0]]))
+    # reference per turn: [reply, end-of-turn] log-prob sums
+    pair = collate_pairs(chosen, rejected, pad_id=0, ref_chosen=[[[-1.0, -0.5], [-2.0, 0.0]], [[-3.0, -0.25]]],
+                         ref_rejected=torch.tensor([[[-4.0, 0], [0, 0], [0, 0]], [[-5.0, 0], [-6.0, 0], [-7.0, 0]]]))
     assert pair.chosen.input_ids.shape == pair.rejected.input_ids.shape == (2, 11)
-    assert pair.ref_chosen.tolist() == [[-1.0, -2.0], [-3.0, 0.0]]
-    assert pair.ref_rejected.shape == (2, 3) and len(pair) == 2
+    assert pair.ref_chosen.tolist() == [[[-1.0, -0.5], [-2.0, 0.0]], [[-3.0, -0.25], [0.0, 0.0]]]
+    assert pair.ref_rejected.shape == (2, 3, 2) and len(pair) == 2
+    with pytest.raises(ValueError, match="per-turn"):
+        collate_pairs(chosen, rejected, pad_id=0, ref_chosen=[[[-1.0, 0.0]], [[-3.0, 0.0]]])
     with pytest.raises(ValueError, match="per-turn"):
         collate_pairs(chosen, rejected, pad_id=0, ref_chosen=[[-1.0], [-3.0]])
+    # one number per turn: the whole turn, taken as its reply part
+    whole = collate_pairs(chosen, rejected, pad_id=0, ref_chosen=[[-1.0, -2.0], [-3.0]])
+    assert whole.ref_chosen.tolist() == [[[-1.0, 0.0], [-2.0, 0.0]], [[-3.0, 0.0], [0.0, 0.0]]]
     with pytest.raises(ValueError, match="rejected"):
         collate_pairs(chosen, rejected[:1], pad_id=0)
 
