@@ -265,7 +265,9 @@ class Algorithm:
         return metrics
 
     def evaluate(self, splits: list[str] | None = None, n: int | None = None) -> dict[str, Any]:
-        """Greedy evaluation of the current policy: `eval/<split>/{avg_reward,success_rate,mean_turns}`."""
+        """Greedy evaluation of the current policy: `eval/<split>/{avg_reward,success_rate,mean_turns}`,
+        and `eval/<split>/per_task` (task id -> [reward, success]: what the tables' intervals and paired
+        comparisons are made from; not a number, so metric loggers skip it)."""
         from rl_agents.evaluation import evaluate
 
         env = self.config.env
@@ -273,7 +275,7 @@ class Algorithm:
                           group=self.group(), seed=self.config.seed, max_new_tokens=self.config.rollout.max_new_tokens,
                           out_path=self.run_dir / f"eval_iter{self.iteration}.json", verbose=False,
                           trajectories_path=self.run_dir / "trajectories" / f"eval_iter{self.iteration}.jsonl")
-        return report["metrics"]
+        return {**report["metrics"], **{f"eval/{s}/per_task": m["per_task"] for s, m in report["splits"].items()}}
 
     def save(self, path: str | Path | None = None) -> str:
         """Write `state.json` (iteration, policy checkpoint, history, config); return its directory."""

@@ -206,13 +206,14 @@ def run_algorithm(hp: dict, env: dict, seed: int, run_dir: Path, model: str, thr
         for _ in range(algo.config.iterations):
             history.append({k: v for k, v in algo.train().items() if isinstance(v, (int, float))})
         t1 = time.perf_counter()
-        metrics = algo.evaluate()
+        metrics = {k: v for k, v in algo.evaluate().items() if not k.endswith("/per_task")}  # per_task: below
         t2 = time.perf_counter()
     finally:
         algo.stop()
     report = json.loads((algo.run_dir / f"eval_iter{algo.iteration}.json").read_text())
     return {"policy": algo.policy, "metrics": metrics, "history": history, "train_s": t1 - t0, "eval_s": t2 - t1,
-            "num_tasks": {s: m["num_tasks"] for s, m in report["splits"].items()}}
+            "num_tasks": {s: m["num_tasks"] for s, m in report["splits"].items()},
+            "per_task": {s: m["per_task"] for s, m in report["splits"].items()}}
 
 
 def run_best_of_n(env: dict, seed: int, run_dir: Path, sft: dict, n: int) -> dict:
@@ -223,7 +224,8 @@ def run_best_of_n(env: dict, seed: int, run_dir: Path, sft: dict, n: int) -> dic
                           temperature=BEST_OF_T, max_new_tokens=MAX_NEW_TOKENS, seed=seed, verbose=False,
                           out_path=run_dir / "eval.json", trajectories_path=run_dir / "eval.jsonl")
     return {"policy": sft["policy"], "metrics": report["metrics"],
-            "num_tasks": {s: m["num_tasks"] for s, m in report["splits"].items()}}
+            "num_tasks": {s: m["num_tasks"] for s, m in report["splits"].items()},
+            "per_task": {s: m["per_task"] for s, m in report["splits"].items()}}
 
 
 # ---- one result: stored or run (the records: learning_report.py) -----------------------------------
@@ -451,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
                 + f"Tasks: SFT on the expert trajectories of the first {env['train_tasks']} train tasks; every other "
                 f"algorithm from the SFT policy on the first {env['explore_tasks']}. Greedy evaluation on the first "
                 f"{env['eval_tasks']} tasks of test_seen and test_unseen, at most {env['max_turns']} agent turns of "
-                f"{MAX_NEW_TOKENS} new tokens, context {env['max_context']}. Mean ± sample std over seeds "
-                f"{', '.join(map(str, args.seeds))}; wall = train + evaluation of one run.\n"
+                f"{MAX_NEW_TOKENS} new tokens, context {env['max_context']}. Seeds {', '.join(map(str, args.seeds))}: "
+                f"intervals as said above the table (cells without per-task records and wall: mean ± sample std over "
+                f"seeds); wall = train + evaluation of one run.\n"
                 f"{explore_line(explored_summaries[name], EXPLORE_T)}\n{settings_table(env, args, args.algos)}")
     finally:
         if not args.report:  # --report starts no Ray (and leaves a caller's session alone)

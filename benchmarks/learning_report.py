@@ -13,6 +13,7 @@ import os
 import statistics
 from pathlib import Path
 
+from rl_agents.stats import mean_ci, paired, per_task_values
 from rl_agents.trajectory import atomic_write_text
 
 LABELS = {"sft": "SFT", "rft": "RFT", "dpo": "DPO (fixed pairs)", "eto": "ETO", "dmpo_noisy": "DMPO (noisy)",
@@ -96,13 +97,61 @@ def _mean_std(xs: list[float], scale: float = 1.0, fmt: str = ".3f", unit: str =
     return f"{mean:{fmt}} ± {statistics.stdev(xs) * scale:{fmt}}{unit}"
 
 
+def task_values(result: dict, split: str, which: str) -> tuple[list[float], dict[str, float] | None]:
+    """(per-task values of `which` ('reward' | 'success'), task id -> value or None) of a result. Records
+    made before per-task results were kept give only rates: for a 0/1 value (success; a reward that
+    equals success, as ALFWorld's) the n values are rebuilt exactly from the rate (the bootstrap needs
+    the values, not which task had which); task ids, for paired comparisons, are then unknown."""
+    per_task = (result.get("per_task") or {}).get(split)
+    if per_task:
+        values = per_task_values(per_task, which)
+        return list(values.values()), values
+    m, n = result["metrics"], result.get("num_tasks", {}).get(split)
+    rate = m[f"eval/{split}/success_rate"]
+    binary = which == "success" or m[f"eval/{split}/avg_reward"] == rate
+    if not n or not binary:
+        return [], None
+    k = round(rate * n)
+    if abs(k - rate * n) > 1e-6:  # not a count of n outcomes
+        return [], None
+    return [1.0] * k + [0.0] * (n - k), None
+
+
+def _interval(ok: list[dict], split: str, which: str) -> str:
+    groups = [task_values(r, split, which)[0] for r in ok]
+    if not ok:
+        return "—"
+    scale, fmt = (1, ".3f") if which == "reward" else (100, ".1f")
+    if not all(groups):  # a continuous reward without per-task results: mean ± std over seeds only
+        key = "avg_reward" if which == "reward" else "success_rate"
+        return _mean_std([r["metrics"][f"eval/{split}/{key}"] for r in ok], scale, fmt)
+    return mean_ci(groups).format(scale, fmt)
+
+
+def _versus(ok: dict[int, dict], base: dict[int, dict], split: str) -> str:
+    """Won / lost / tied against SFT on the same (seed, task), sign-test p; '—' without per-task records."""
+    mine, theirs = {}, {}
+    for seed, r in ok.items():
+        if seed not in base:
+            continue
+        a, b = task_values(r, split, "reward")[1], task_values(base[seed], split, "reward")[1]
+        if a is None or b is None:
+            return "—"
+        mine.update({(seed, t): v for t, v in a.items()})
+        theirs.update({(seed, t): v for t, v in b.items()})
+    return paired(mine, theirs).format() if mine else "—"
+
+
 def env_table(env: dict, results: dict, seeds: list[int], algos: list[str]) -> str:
-    """results[(seed, algo)] -> stored result (or None); one row per algorithm."""
-    head = ("| algorithm | test_seen reward | test_seen success (%) | test_unseen reward | test_unseen success (%) "
-            "| seeds | tasks (seen/unseen) | wall (min) |\n|---|---|---|---|---|---|---|---|")
+    """results[(seed, algo)] -> stored result (or None); one row per algorithm: means with 95% bootstrap
+    intervals over tasks and seeds (`rl_agents.stats.mean_ci`), and each row against SFT on the same
+    tasks (won / lost / tied, sign-test p, pooled over seeds)."""
+    head = ("| algorithm | " + " | ".join(f"{s} reward | {s} success (%) | {s} vs SFT (W/L/T, p)" for s in SPLITS)
+            + " | seeds | tasks (seen/unseen) | wall (min) |\n|---|" + "---|---|---|" * len(SPLITS) + "---|---|---|")
     lines, notes = [head], []
+    sft = {s: results[(s, "sft")] for s in seeds if results.get((s, "sft")) and not results[(s, "sft")].get("error")}
     for algo in algos:
-        ok = [results[(s, algo)] for s in seeds if results.get((s, algo)) and not results[(s, algo)].get("error")]
+        ok = {s: results[(s, algo)] for s in seeds if results.get((s, algo)) and not results[(s, algo)].get("error")}
         for s in seeds:
             r = results.get((s, algo))
             if r is None:
@@ -111,11 +160,18 @@ def env_table(env: dict, results: dict, seeds: list[int], algos: list[str]) -> s
                 notes.append(f"{LABELS[algo]}, seed {s}: failed: {r['error'].splitlines()[0][:300]}")
         cells = []
         for split in SPLITS:
-            cells.append(_mean_std([r["metrics"][f"eval/{split}/avg_reward"] for r in ok]))
-            cells.append(_mean_std([r["metrics"][f"eval/{split}/success_rate"] for r in ok], 100, ".1f"))
-        tasks = "/".join(str(ok[0]["num_tasks"].get(s, "?")) for s in SPLITS) if ok else "—"
-        wall = _mean_std([r["wall_s"] for r in ok], 1 / 60, ".1f")
+            cells.append(_interval(list(ok.values()), split, "reward"))
+            cells.append(_interval(list(ok.values()), split, "success"))
+            cells.append("—" if algo == "sft" else _versus(ok, sft, split))
+        first = next(iter(ok.values()), None)
+        tasks = "/".join(str(first["num_tasks"].get(s, "?")) for s in SPLITS) if first else "—"
+        wall = _mean_std([r["wall_s"] for r in ok.values()], 1 / 60, ".1f")
         lines.append(f"| {LABELS[algo]} | " + " | ".join(cells) + f" | {len(ok)}/{len(seeds)} | {tasks} | {wall} |")
+    lines += ["", "Cells: mean [95% interval], a percentile bootstrap over the tasks, and over the seeds where "
+              "there are 2 (rl_agents.stats). vs SFT: tasks whose reward is higher / lower / equal than the "
+              "SFT agent's of the same seed, pooled over seeds, and the two-sided sign-test p; — where per-task "
+              "results were not recorded (runs before 2026-12-02: their rates give the intervals, 0/1 outcomes "
+              "rebuilt from the rate)."]
     sources: dict[str, list[str]] = {}  # records kept from elsewhere say where they come from
     earlier: dict[tuple[int, str], list[str]] = {}  # runs reported with --earlier-sft, by (seed, SFT run)
     for (s, algo), r in sorted(results.items(), key=lambda kv: (kv[0][0], algos.index(kv[0][1]))):
@@ -161,7 +217,8 @@ def explore_line(found: list[dict], temperature: float) -> str:
 
 
 def bar_chart(per_env: dict, seeds: list[int], algos: list[str], path: Path) -> None:
-    """Success rate and average reward per algorithm (mean over seeds, std as error bars), per env."""
+    """Success rate and average reward per algorithm, per env: the table's means with their 95% intervals
+    as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,14 +227,20 @@ def bar_chart(per_env: dict, seeds: list[int], algos: list[str], path: Path) -> 
     fig, axes = plt.subplots(len(per_env), 2, figsize=(14, 4.2 * len(per_env)), squeeze=False)
     for row, (name, results) in zip(axes, per_env.items()):
         for ax, key, title in ((row[0], "success_rate", "success rate"), (row[1], "avg_reward", "average reward")):
+            which = "success" if key == "success_rate" else "reward"
             for k, split in enumerate(SPLITS):
-                means, stds = [], []
+                means, low, high = [], [], []
                 for algo in algos:
-                    xs = [results[(s, algo)]["metrics"][f"eval/{split}/{key}"] for s in seeds
-                          if results.get((s, algo)) and not results[(s, algo)].get("error")]
-                    means.append(statistics.fmean(xs) if xs else float("nan"))
-                    stds.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)
-                ax.bar([i + (k - 0.5) * 0.4 for i in range(len(algos))], means, 0.4, yerr=stds, capsize=2, label=split)
+                    ok = [results[(s, algo)] for s in seeds if results.get((s, algo)) and not results[(s, algo)].get("error")]
+                    groups = [task_values(r, split, which)[0] for r in ok]
+                    if ok and all(groups):
+                        ci = mean_ci(groups)
+                        means.append(ci.mean), low.append(ci.mean - ci.low), high.append(ci.high - ci.mean)
+                    else:
+                        xs = [r["metrics"][f"eval/{split}/{key}"] for r in ok]
+                        means.append(statistics.fmean(xs) if xs else float("nan")), low.append(0.0), high.append(0.0)
+                ax.bar([i + (k - 0.5) * 0.4 for i in range(len(algos))], means, 0.4, yerr=[low, high], capsize=2,
+                       label=split)
             ax.set_xticks(range(len(algos)), [LABELS[a] for a in algos], rotation=30, ha="right", fontsize=8)
             ax.set_ylim(0, 1.02)
             ax.set_title(f"{name}: {title}")

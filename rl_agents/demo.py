@@ -6,7 +6,7 @@
 
 then every agent is evaluated greedily on the same `test_seen` and `test_unseen` tasks and the
 run prints a table like the papers' (average reward, success rate) and writes
-`<out>/results.{md,json}` and `<out>/learning_curve.png`. Each stage is a real run of the
+`<out>/results.{md,json}` and `<out>/results.png`. Each stage is a real run of the
 library (`algorithms.*Config(...).build().train()`: Ray rollout actors, a Ray Train + DeepSpeed
 update, LoRA merged into safetensors), with its own run directory under `<out>/`.
 
@@ -92,7 +92,8 @@ def _evaluate(policies: dict[str, str], args, out: Path) -> list[dict]:
                               out_path=out / "eval" / f"{stage}.json",
                               trajectories_path=out / "eval" / f"{stage}.jsonl")
             rows.append({"stage": stage, "policy": policy, **report["metrics"],
-                         **{f"eval/{s}/num_tasks": m["num_tasks"] for s, m in report["splits"].items()}})
+                         **{f"eval/{s}/num_tasks": m["num_tasks"] for s, m in report["splits"].items()},
+                         **{f"eval/{s}/per_task": m["per_task"] for s, m in report["splits"].items()}})
             print(f"{stage:>6}: " + ", ".join(f"{s} reward {m['avg_reward']:.3f} success {m['success_rate']:.1%}"
                                               for s, m in report["splits"].items()), flush=True)
     return rows
@@ -114,7 +115,7 @@ def main(args) -> int:
 def _run(args) -> int:
     from algorithms.eto import DMPOConfig, ETOConfig
     from algorithms.imitation import SFTConfig
-    from algorithms.runner import write_results
+    from algorithms.runner import results_table, write_results
     from envs.checker import check_text_env
     from rl_agents.models import resolve_model
     from rl_agents.trajectory import atomic_write_text
@@ -166,34 +167,21 @@ def _run(args) -> int:
     lap("eval", t0)
 
     total = time.perf_counter() - start
-    table = _table(rows)
+    table = results_table(rows, baseline="SFT")
     explored = {k: v for k, v in eto_metrics.items() if k.startswith(("explore/", "data/"))}
-    summary = (f"{table}\n"
-               f"SmolLM2-135M-Instruct on {ENV_ID}, LoRA r=32, bf16 DeepSpeed ZeRO-2 on Ray Train; "
+    details = (f"SmolLM2-135M-Instruct on {ENV_ID}, LoRA r=32, bf16 DeepSpeed ZeRO-2 on Ray Train; "
                f"{args.sft_tasks} train tasks, greedy eval with at most {args.max_turns} turns, seed {args.seed}.\n"
                f"SFT agent's exploration (T={args.temperature}): " +
                ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in explored.items()) + "\n"
                "time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items()) +
                f"; total {total / 60:.1f} min ({date.today().isoformat()})\n")
-    write_results(out, rows, title="rl_agents demo: base / SFT / ETO / DMPO")
-    atomic_write_text(out / "results.md", summary)
+    write_results(out, rows, title="rl_agents demo: base / SFT / ETO / DMPO", baseline="SFT", note="\n" + details)
     atomic_write_text(out / "results.json", json.dumps({"rows": rows, "timings_s": timings, "total_s": total,
                                                         "exploration": explored, "args": vars(args) | {"func": None}},
                                                        indent=2, default=str))
-    print("\n" + summary)
-    print(f"wrote {out / 'results.md'}, {out / 'learning_curve.png'}; per-stage run dirs under {out}/")
+    print("\n" + table + "\n" + details)
+    print(f"wrote {out / 'results.md'}, {out / 'results.png'}; per-stage run dirs under {out}/")
     return 0
-
-
-def _table(rows: list[dict]) -> str:
-    head = ("| agent | test_seen: avg reward | test_seen: success | test_unseen: avg reward | test_unseen: success |\n"
-            "|---|---|---|---|---|")
-    lines = [head]
-    for r in rows:
-        lines.append(f"| {r['stage']} | " + " | ".join(
-            f"{r[f'eval/{s}/avg_reward']:.3f} | {r[f'eval/{s}/success_rate']:.1%}" for s in ("test_seen", "test_unseen"))
-            + " |")
-    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser) -> None:

@@ -141,7 +141,10 @@ def evaluate(model: str | EngineSpec, env_id: str, split: str | Sequence[str] = 
         for s, ts in tasks.items():
             trajs = everything[done : done + len(ts)]
             done += len(ts)
-            m = summarize(best_of_n(trajs) if best_of > 1 else trajs)
+            scored = best_of_n(trajs) if best_of > 1 else trajs
+            m = summarize(scored)
+            # Per task [reward, success]: what intervals and paired comparisons are computed from (rl_agents.stats).
+            m["per_task"] = {t.task_id: [t.reward, int(t.success)] for t in scored}
             report["splits"][s] = m
             for k in ("avg_reward", "success_rate", "mean_turns"):
                 report["metrics"][f"eval/{s}/{k}"] = m[k]

@@ -31,4 +31,9 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, tiny_model_dir):
     eto_explored = (out / "eto" / "trajectories" / "explore_iter0.jsonl").read_text()
     assert (out / "dmpo" / "trajectories" / "explore_iter0.jsonl").read_text() == eto_explored
     assert result["exploration"]["data/pairs"] >= 2
-    assert "| DMPO |" in (out / "results.md").read_text() and (out / "learning_curve.png").stat().st_size > 10_000
+    table = (out / "results.md").read_text()
+    assert "| DMPO |" in table and (out / "results.png").stat().st_size > 10_000
+    # intervals and the paired comparison with the SFT agent on the same tasks
+    assert "test_seen: vs SFT (W/L/T, p)" in table and "95% intervals" in table
+    assert sorted(rows["ETO"]["eval/test_seen/per_task"]) == sorted(rows["SFT"]["eval/test_seen/per_task"])
+    assert len(rows["ETO"]["eval/test_unseen/per_task"]) == 2

@@ -76,9 +76,9 @@ def test_report_merges_out_and_records_and_drops_other_sft_runs(learning, tmp_pa
         if line.startswith("| ") and " | " in line:
             rows.setdefault(line.split(" | ")[0].lstrip("| "), line.split(" | "))
     # SFT: 0.4 (out) and 0.6 (records): mean 0.5, sample std 0.1 * sqrt(2)
-    assert rows["SFT"][1] == f"0.500 ± {0.1 * math.sqrt(2):.3f}" and rows["SFT"][5] == "2/2"
-    assert rows["RFT"][1:3] == ["0.900", "90.0"] and rows["RFT"][5] == "1/2"
-    assert rows["DPO (fixed pairs)"][1] == "0.600" and rows["DPO (fixed pairs)"][5] == "1/2"  # seed 1's left out
+    assert rows["SFT"][1] == f"0.500 ± {0.1 * math.sqrt(2):.3f}" and rows["SFT"][7] == "2/2"
+    assert rows["RFT"][1:3] == ["0.900", "90.0"] and rows["RFT"][7] == "1/2"
+    assert rows["DPO (fixed pairs)"][1] == "0.600" and rows["DPO (fixed pairs)"][7] == "1/2"  # seed 1's left out
     assert "DPO (fixed pairs), seed 1: not run" in md.read_text()
     # what --out had is now in the records, with the SFT weights' digest carried to the run made from it
     sft0 = json.loads((rec / "textshop/seed0/sft.json").read_text())
@@ -131,7 +131,7 @@ def test_runs_from_an_earlier_sft_run_are_reported_marked_only_with_earlier_sft(
     assert "SFT agent's shared exploration" not in md.read_text()
     assert learning.main(argv + ["--earlier-sft"]) == 0
     text = md.read_text()
-    assert rows()["DPO (fixed pairs)"][1:3] == ["0.800", "80.0"] and rows()["DPO (fixed pairs)"][5] == "1/1"
+    assert rows()["DPO (fixed pairs)"][1:3] == ["0.800", "80.0"] and rows()["DPO (fixed pairs)"][7] == "1/1"
     assert rows()["RFT"][1] == "0.300"  # the run from the current SFT, not the earlier one
     assert ("DPO (fixed pairs), seed 0: made from an earlier SFT run of seed 0 (`sft0-lost`), not from the one in "
             "the SFT row") in text and "RFT, DPO (fixed pairs), seed 0: made from" not in text
@@ -141,3 +141,35 @@ def test_runs_from_an_earlier_sft_run_are_reported_marked_only_with_earlier_sft(
     assert json.loads((rec / "textshop/seed0/rft.json").read_text())["run_id"] == "rft0-new"
     assert "earlier_sft" not in json.loads((rec / "textshop/seed0/dpo.json").read_text())
     assert "earlier_sft" not in json.loads((rec / "textshop/seed0/explore.json").read_text())
+
+
+def test_table_intervals_and_paired_counts_from_per_task_records(learning, tmp_path):
+    """Two seeds, 4 tasks each, per-task [reward, success] recorded. ETO vs SFT on test_seen: seed 0
+    wins a, b and ties c, d; seed 1 wins a, loses b, ties c, d: 3/1/4 pooled, sign test p = 2·(1 + 4)/16
+    = 0.625. A record with only rates (0/1 outcomes, 1 of 4) is rebuilt as [1, 0, 0, 0] for its interval."""
+    rec, md = tmp_path / "records", tmp_path / "results.md"
+
+    def result(algo, seen: dict, unseen_rate: float):
+        r = _result(algo, sum(v for v in seen.values()) / 4, unseen_rate, f"{algo}-run", None if algo == "sft" else "s")
+        r["num_tasks"] = {"test_seen": 4, "test_unseen": 4}
+        r["per_task"] = {"test_seen": {t: [v, int(v == 1.0)] for t, v in seen.items()}}
+        return r
+
+    base = {"a": 0.0, "b": 0.5, "c": 1.0, "d": 0.2}
+    _write(rec / "textshop/seed0/sft.json", {**result("sft", base, 0.25), "run_id": "s"})
+    _write(rec / "textshop/seed1/sft.json", {**result("sft", base, 0.25), "run_id": "s"})
+    _write(rec / "textshop/seed0/eto.json", result("eto", {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.2}, 0.5))
+    _write(rec / "textshop/seed1/eto.json", result("eto", {"a": 0.5, "b": 0.0, "c": 1.0, "d": 0.2}, 0.5))
+    argv = ["--report", "--envs", "textshop", "--seeds", "0,1", "--algos", "sft,eto", "--out", str(tmp_path / "out"),
+            "--records", str(rec), "--results", str(md)]
+    assert learning.main(argv) == 0
+    rows = {}
+    for line in md.read_text().splitlines():
+        if line.startswith("| ") and " | " in line:
+            rows.setdefault(line.split(" | ")[0].lstrip("| "), line.split(" | "))
+    eto, sft = rows["ETO"], rows["SFT"]
+    assert eto[3] == "3/1/4, p=0.62" and sft[3] == "—"
+    assert sft[1].startswith("0.425 [")  # the mean of its 4 tasks (the same on both seeds)
+    assert eto[1].startswith(f"{(3.2 + 1.7) / 8:.3f} [")
+    # test_unseen has no per-task record: rates 0.25 / 0.5 of 4 rebuilt as 0/1 outcomes; no paired count
+    assert sft[4].startswith("0.250 [0.000, ") and eto[5].startswith("50.0 [") and eto[6] == "—"

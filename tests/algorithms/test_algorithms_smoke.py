@@ -82,7 +82,7 @@ def test_example_config_runs_and_learns(name, tmp_path, ray_cluster):
         _assert_ppo_update(name, metrics, state, tmp_path)
     assert rows[-1]["stage"] == f"{name} iter 1" and "eval/test_seen/avg_reward" in rows[-1]
     assert (tmp_path / "results.md").read_text().count("|") > 6
-    assert (tmp_path / "learning_curve.png").stat().st_size > 5_000
+    assert (tmp_path / "results.png").stat().st_size > 5_000
     assert (tmp_path / "policy").resolve() == Path(state.policy).resolve()
 
 
