@@ -170,6 +170,23 @@ def test_fast_engine_matches_plain_textworld(env, alfworld_data):
                 break
 
 
+def test_first_observation_follows_etos_eval_loader(env, alfworld_data):
+    """ETO's ALFWorld loader (`eval_agent/tasks/alfworld.py`) shows the agent
+    `"\\n".join(obs.split("\\n\\n")[1:])` of the game's first observation: the banner paragraph
+    dropped, the rest joined by single newlines. Ours is exactly that, on the plain engine's text."""
+    import textworld
+    from textworld.envs.pddl import PddlEnv
+
+    plain = PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True))
+    for task in (LAMP, env.list_tasks("train")[330], env.list_tasks("test_unseen")[7]):
+        plain.load(str(alfworld_data / "json_2.1.1" / task / "game.tw-pddl"))
+        demangle_names(plain._entity_infos)
+        raw = plain.reset().feedback
+        assert raw.split("\n\n")[0].strip() == "-= Welcome to TextWorld, ALFRED! =-"
+        obs, _ = env.reset(options={"task_id": task})
+        assert obs == "\n".join(raw.split("\n\n")[1:]), task
+
+
 def test_demangling_matches_alfworld():
     class Info:
         def __init__(self, id_):
