@@ -99,7 +99,7 @@ def _weighted_logratio(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tens
         weights, real = phi, mask != 0
     # `where`, not a product, so that non-finite values under the mask cannot leak in as NaN.
     weighted = torch.where(real, weights * logratio, torch.zeros_like(logratio))
-    return weighted.reshape(weighted.shape[0], -1).sum(dim=-1)
+    return weighted.flatten(1).sum(dim=-1)
 
 
 def _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,

@@ -219,7 +219,7 @@ def _cell(row: dict[str, Any], split: str, which: str) -> str:
     values = _per_task(row, split, which)
     scale, fmt, unit = (1, ".3f", "") if which == "reward" else (100, ".1f", "%")
     if values:
-        return mean_ci([list(values.values())]).format(scale, fmt, unit)
+        return mean_ci([values]).format(scale, fmt, unit)
     mean = row.get(f"eval/{split}/{'avg_reward' if which == 'reward' else 'success_rate'}")
     return "-" if mean is None else f"{mean * scale:{fmt}}{unit}"
 
@@ -238,13 +238,16 @@ def results_table(rows: list[dict[str, Any]], baseline: str | None = None) -> st
         cells = []
         for s in splits:
             mine, theirs = _per_task(r, s, "reward"), _per_task(base, s, "reward")
-            versus = "-" if r is base or not mine or not theirs else paired(mine, theirs).format()
+            result = None if r is base or not mine or not theirs else paired(mine, theirs)
+            versus = "-" if result is None else result.format()
             cells += [_cell(r, s, "reward"), _cell(r, s, "success"), versus]
         lines.append(f"| {r['stage']} | " + " | ".join(cells) + " |")
-    n = {s: len(_per_task(rows[0], s, "reward") or {}) for s in splits}
+    counts = {r["stage"]: "/".join(str(len(_per_task(r, s, "reward") or {})) for s in splits) for r in rows}
+    sizes = (f"{next(iter(counts.values()))} tasks ({'/'.join(splits)})" if len(set(counts.values())) == 1
+             else "tasks (" + "/".join(splits) + "): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     lines.append("")
-    lines.append("95% intervals: percentile bootstrap over the tasks (" + ", ".join(f"{s}: n = {k}" for s, k in n.items())
-                 + "); W/L/T: tasks whose reward is higher / lower / equal than the baseline's, p: two-sided sign test.")
+    lines.append(f"95% intervals: percentile bootstrap over the tasks, {sizes}; W/L/T: tasks whose reward is higher / "
+                 "lower / equal than the baseline's, p: two-sided sign test.")
     return "\n".join(lines) + "\n"
 
 
@@ -265,8 +268,8 @@ def results_chart(rows: list[dict[str, Any]], path: Path, title: str = "") -> No
             for r in rows:
                 values = _per_task(r, s, which)
                 if values:
-                    ci = mean_ci([list(values.values())])
-                    means.append(ci.mean), low.append(ci.mean - ci.low), high.append(ci.high - ci.mean)
+                    ci = mean_ci([values])
+                    means.append(ci.mean), low.append(max(ci.mean - ci.low, 0)), high.append(max(ci.high - ci.mean, 0))
                 else:
                     means.append(r.get(f"eval/{s}/{'avg_reward' if which == 'reward' else 'success_rate'}", float("nan")))
                     low.append(0.0), high.append(0.0)

@@ -117,35 +117,49 @@ def task_values(result: dict, split: str, which: str) -> tuple[list[float], dict
     return [1.0] * k + [0.0] * (n - k), None
 
 
+def seed_groups(ok: list[dict], split: str, which: str) -> list | None:
+    """The seeds' per-task values for `mean_ci`: task id -> value maps when every seed has per-task
+    results (the tasks are then resampled together), else the rebuilt 0/1 lists; None when a seed
+    has neither (a continuous reward recorded as a rate only)."""
+    found = [task_values(r, split, which) for r in ok]
+    if not found or not all(values for values, _ in found):
+        return None
+    return [by_task for _, by_task in found] if all(by_task for _, by_task in found) else [v for v, _ in found]
+
+
 def _interval(ok: list[dict], split: str, which: str) -> str:
-    groups = [task_values(r, split, which)[0] for r in ok]
     if not ok:
         return "—"
     scale, fmt = (1, ".3f") if which == "reward" else (100, ".1f")
-    if not all(groups):  # a continuous reward without per-task results: mean ± std over seeds only
+    groups = seed_groups(ok, split, which)
+    if groups is None:  # a continuous reward without per-task results: mean ± std over seeds only
         key = "avg_reward" if which == "reward" else "success_rate"
         return _mean_std([r["metrics"][f"eval/{split}/{key}"] for r in ok], scale, fmt)
     return mean_ci(groups).format(scale, fmt)
 
 
 def _versus(ok: dict[int, dict], base: dict[int, dict], split: str) -> str:
-    """Won / lost / tied against SFT on the same (seed, task), sign-test p; '—' without per-task records."""
-    mine, theirs = {}, {}
+    """Won / lost / tied against SFT on the same tasks, a task counting once by its mean difference
+    over the seeds that have both runs, and the sign-test p; '—' without per-task records."""
+    mine: dict[str, list[float]] = {}
+    theirs: dict[str, list[float]] = {}
     for seed, r in ok.items():
         if seed not in base:
             continue
         a, b = task_values(r, split, "reward")[1], task_values(base[seed], split, "reward")[1]
         if a is None or b is None:
             return "—"
-        mine.update({(seed, t): v for t, v in a.items()})
-        theirs.update({(seed, t): v for t, v in b.items()})
-    return paired(mine, theirs).format() if mine else "—"
+        for t in a.keys() & b.keys():
+            mine.setdefault(t, []).append(a[t])
+            theirs.setdefault(t, []).append(b[t])
+    result = paired(mine, theirs)
+    return "—" if result is None else result.format()
 
 
 def env_table(env: dict, results: dict, seeds: list[int], algos: list[str]) -> str:
     """results[(seed, algo)] -> stored result (or None); one row per algorithm: means with 95% bootstrap
     intervals over tasks and seeds (`rl_agents.stats.mean_ci`), and each row against SFT on the same
-    tasks (won / lost / tied, sign-test p, pooled over seeds)."""
+    tasks (won / lost / tied, sign-test p, each task once, by its mean over the seeds)."""
     head = ("| algorithm | " + " | ".join(f"{s} reward | {s} success (%) | {s} vs SFT (W/L/T, p)" for s in SPLITS)
             + " | seeds | tasks (seen/unseen) | wall (min) |\n|---|" + "---|---|---|" * len(SPLITS) + "---|---|---|")
     lines, notes = [head], []
@@ -167,11 +181,12 @@ def env_table(env: dict, results: dict, seeds: list[int], algos: list[str]) -> s
         tasks = "/".join(str(first["num_tasks"].get(s, "?")) for s in SPLITS) if first else "—"
         wall = _mean_std([r["wall_s"] for r in ok.values()], 1 / 60, ".1f")
         lines.append(f"| {LABELS[algo]} | " + " | ".join(cells) + f" | {len(ok)}/{len(seeds)} | {tasks} | {wall} |")
-    lines += ["", "Cells: mean [95% interval], a percentile bootstrap over the tasks, and over the seeds where "
-              "there are 2 (rl_agents.stats). vs SFT: tasks whose reward is higher / lower / equal than the "
-              "SFT agent's of the same seed, pooled over seeds, and the two-sided sign-test p; — where per-task "
-              "results were not recorded (runs before 2026-12-02: their rates give the intervals, 0/1 outcomes "
-              "rebuilt from the rate)."]
+    lines += ["", "Cells: mean [95% interval], a percentile bootstrap over the tasks (drawn once for all seeds: "
+              "they share their tasks) and over the seeds where there are 2 (rl_agents.stats). vs SFT: tasks whose "
+              "reward, averaged over the seeds, is higher / lower / equal than the SFT agent's, and the two-sided "
+              "sign-test p; — where per-task results were not recorded (runs before 2026-12-02: 0/1 outcomes are "
+              "rebuilt from the rates, without task ids, and their interval is one seed's width at the pooled "
+              "mean)."]
     sources: dict[str, list[str]] = {}  # records kept from elsewhere say where they come from
     earlier: dict[tuple[int, str], list[str]] = {}  # runs reported with --earlier-sft, by (seed, SFT run)
     for (s, algo), r in sorted(results.items(), key=lambda kv: (kv[0][0], algos.index(kv[0][1]))):
@@ -232,10 +247,10 @@ def bar_chart(per_env: dict, seeds: list[int], algos: list[str], path: Path) -> 
                 means, low, high = [], [], []
                 for algo in algos:
                     ok = [results[(s, algo)] for s in seeds if results.get((s, algo)) and not results[(s, algo)].get("error")]
-                    groups = [task_values(r, split, which)[0] for r in ok]
-                    if ok and all(groups):
+                    groups = seed_groups(ok, split, which)
+                    if groups is not None:
                         ci = mean_ci(groups)
-                        means.append(ci.mean), low.append(ci.mean - ci.low), high.append(ci.high - ci.mean)
+                        means.append(ci.mean), low.append(max(ci.mean - ci.low, 0)), high.append(max(ci.high - ci.mean, 0))
                     else:
                         xs = [r["metrics"][f"eval/{split}/{key}"] for r in ok]
                         means.append(statistics.fmean(xs) if xs else float("nan")), low.append(0.0), high.append(0.0)

@@ -16,7 +16,8 @@
   conductivity) need `connect`: noElectricalAction is left out for them, as scienceworld requires
   (it refuses the combination) and as its `"easy"` preset does.
 * Prompt: ETO's instruction (`eval_agent/prompt/instructions/sciworld_inst.txt`) as the action
-  help, verbatim, typos included ("wait: task no action for 10 steps"): what the papers' agents read.
+  help, verbatim, typos included ("wait: task no action for 10 steps"): what the papers' agents read
+  (another `simplification` drops its lines on teleporting and open containers where they are false).
 * Reward: ETO's metric, the **best score reached** in the episode (ETO's `SciWorldEnv.step` keeps
   `max(reward, raw_score)`; the papers' tables use it): progress = clamp(best score / 100, 0, 1)
   after each step, so the step rewards are >= 0 and sum to the best score / 100. A task that
@@ -117,6 +118,22 @@ def parse_task_id(task_id: str) -> tuple[str, int]:
         raise ValueError(f"ScienceWorld task id {task_id!r} is not '<task name>:<variation>' "
                          f"with a task name from {sorted(TASK_NAMES)}")
     return name, int(var)
+
+
+_TELEPORT_LINE = "You can teleport to any room in one step.\n"
+_CONTAINERS_LINE = "All containers in the environment have already been opened, you can directly get items from the containers.\n"
+
+
+def eto_instruction(simplification: str) -> str:
+    """ETO's instruction for a setting: its lines on teleporting and on open containers only where
+    the setting has them (ETO's own setting keeps the text verbatim)."""
+    setting = set(simplification.split(","))
+    text = ETO_INSTRUCTION
+    if not {"easy", "teleportAction"} & setting:
+        text = text.replace(_TELEPORT_LINE, "").replace("teleport to LOC: teleport to a specific room\n", "")
+    if "openContainers" not in setting:
+        text = text.replace(_CONTAINERS_LINE, "")
+    return text
 
 
 def task_simplifications(simplification: str, task_name: str) -> str:
@@ -266,6 +283,7 @@ class ScienceWorldEnv(TextEnv):
             raise RuntimeError("ScienceWorldEnv runs ScienceWorld on the JVM, but no `java` executable is on PATH. "
                                "Install a Java runtime 11+ (e.g. `apt-get install openjdk-17-jre-headless`).")
         self.simplification = simplification
+        self.action_help = eto_instruction(simplification)
         self.valid_actions = valid_actions
         self.deterministic = deterministic
         self._sim = None  # scienceworld.ScienceWorldEnv: one JVM, started at the first reset
@@ -365,7 +383,8 @@ class ScienceWorldEnv(TextEnv):
             return list(self._experts[task_id])
         name, variation = parse_task_id(task_id)
         budget = self.max_turns if self.max_turns is not None else self.max_turns_for(task_id)
-        shorten = {"easy", "teleportAction", "openDoors"} & set(self.simplification.split(","))
+        flags = set(self.simplification.split(","))
+        shorten = "easy" in flags or {"teleportAction", "openDoors"} <= flags  # walks -> teleports
         wins: list[list[str]] = []
         golds: list[list[str]] = []
         # Gold paths generated under this env's setting, then under scienceworld's "easy" preset (the
@@ -379,7 +398,7 @@ class ScienceWorldEnv(TextEnv):
             golds.append(gold)
             goal = self._sim.server.freeActionTaskDesc().strip().removeprefix("Task Description:").strip()
             candidates = [gold]
-            if shorten:  # teleport or open doors: shorten the walks and the waits
+            if shorten:  # teleport and open doors: shorten the walks and the waits
                 candidates = [shorten_gold_path(gold), shorten_gold_path(gold, wait=False), gold,
                               shorten_gold_path(gold, look=False)]
             for cand in dict.fromkeys(map(tuple, candidates)):  # unique, in order

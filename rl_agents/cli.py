@@ -139,9 +139,12 @@ def cmd_data_convert(args) -> int:
     # Errors (file:line, field) come before any write.
     if is_pairs_file(args.inp):
         pairs = read_pairs(args.inp, env_id=args.env_id or "")
-        for traj in (t for pair in pairs for t in pair):
-            traj.metadata.pop("source_line", None)
-        (write_eto_pairs if args.to == "conversation" else write_pairs)(args.out, pairs)
+        if args.to == "conversation":
+            write_eto_pairs(args.out, pairs)  # a pair it cannot hold is an error naming its file:line
+        else:
+            for traj in (t for pair in pairs for t in pair):
+                traj.metadata.pop("source_line", None)
+            write_pairs(args.out, pairs)
         print(f"wrote {len(pairs)} preference pairs to {args.out} "
               f"({'ETO pair format' if args.to == 'conversation' else 'rl_agents'})")
         return 0

@@ -116,6 +116,11 @@ class Trajectory:
         if not isinstance(d["turns"], list):
             raise TrajectoryFormatError(f"{where}: field 'turns' must be a list")
         turns = [_turn_from_dict(t, f"{where}: field 'turns[{i}]") for i, t in enumerate(d["turns"])]
+        first_agent = next((i for i, t in enumerate(turns) if t.is_agent), len(turns))
+        late = next((i for i, t in enumerate(turns) if t.prompt and i > first_agent), None)
+        if late is not None:
+            raise TrajectoryFormatError(f"{where}: field 'turns[{late}].prompt': a prompt turn must come before the "
+                                        "first agent turn")
         unknown = set(d) - {"task_id", "env_id", "turns", "reward", "success", "id", "metadata"}
         if unknown:
             raise TrajectoryFormatError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -170,8 +175,7 @@ _CONVERSATION_FIELDS = {"id", "task_id", "env_id", "reward", "success", "convers
 ETO_ACKNOWLEDGEMENT = "OK"
 
 
-_NAMES = {"conversations": ("from", "value"), "messages": ("role", "content"), "prompt": ("from", "value"),
-          "chosen": ("from", "value"), "rejected": ("from", "value")}
+_NAMES = {"conversations": ("from", "value"), "messages": ("role", "content")}
 
 
 def conversation_turns(items: Any, where: str, names: tuple[str, str] = ("from", "value")) -> list[Turn]:
@@ -401,12 +405,13 @@ def pair_to_eto(chosen: Trajectory, rejected: Trajectory) -> dict[str, Any]:
     def split(traj: Trajectory) -> tuple[list[Turn], list[Turn]]:
         agent = [i for i, t in enumerate(traj.turns) if t.is_agent]
         if not agent:
-            raise ValueError(f"trajectory {traj.id or traj.task_id} has no agent turn")
+            raise TrajectoryFormatError(f"{source_of(traj)}: trajectory {traj.id or traj.task_id} has no agent turn")
         return traj.turns[:agent[0]], traj.turns[agent[0]:agent[-1] + 1]
 
     (pc, c), (pr, r) = split(chosen), split(rejected)
     if [(t.role, t.text) for t in pc] != [(t.role, t.text) for t in pr]:
-        raise ValueError(f"pair {chosen.id or chosen.task_id}: chosen and rejected start from different prompts")
+        raise TrajectoryFormatError(f"{source_of(chosen)}: pair {chosen.id or chosen.task_id}: chosen and rejected start "
+                                    "from different prompts, which ETO's pair format (one 'prompt') cannot hold")
     conv = lambda turns: [{"from": _TO_FASTCHAT[t.role], "value": t.text} for t in turns]  # noqa: E731
     rid = chosen.metadata["conversation_id"] if "conversation_id" in chosen.metadata else chosen.id or chosen.task_id
     return {"id": rid, "prompt": conv(pc), "chosen": conv(c), "rejected": conv(r)}

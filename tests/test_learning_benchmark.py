@@ -144,9 +144,9 @@ def test_runs_from_an_earlier_sft_run_are_reported_marked_only_with_earlier_sft(
 
 
 def test_table_intervals_and_paired_counts_from_per_task_records(learning, tmp_path):
-    """Two seeds, 4 tasks each, per-task [reward, success] recorded. ETO vs SFT on test_seen: seed 0
-    wins a, b and ties c, d; seed 1 wins a, loses b, ties c, d: 3/1/4 pooled, sign test p = 2·(1 + 4)/16
-    = 0.625. A record with only rates (0/1 outcomes, 1 of 4) is rebuilt as [1, 0, 0, 0] for its interval."""
+    """Two seeds on the same 4 tasks, per-task [reward, success] recorded. ETO vs SFT on test_seen, each
+    task by its mean over the seeds: a +0.75 (won), b (+0.5 and -0.5) 0, c and d 0: 1/0/3, p = 1. A
+    record with only rates (0/1 outcomes, 1 of 4) is rebuilt as [1, 0, 0, 0] for its interval."""
     rec, md = tmp_path / "records", tmp_path / "results.md"
 
     def result(algo, seen: dict, unseen_rate: float):
@@ -168,7 +168,7 @@ def test_table_intervals_and_paired_counts_from_per_task_records(learning, tmp_p
         if line.startswith("| ") and " | " in line:
             rows.setdefault(line.split(" | ")[0].lstrip("| "), line.split(" | "))
     eto, sft = rows["ETO"], rows["SFT"]
-    assert eto[3] == "3/1/4, p=0.62" and sft[3] == "—"
+    assert eto[3] == "1/0/3, p=1" and sft[3] == "—"
     assert sft[1].startswith("0.425 [")  # the mean of its 4 tasks (the same on both seeds)
     assert eto[1].startswith(f"{(3.2 + 1.7) / 8:.3f} [")
     # test_unseen has no per-task record: rates 0.25 / 0.5 of 4 rebuilt as 0/1 outcomes; no paired count

@@ -17,6 +17,8 @@ checkpoints `rl_agents.train.checkpoint`, metrics `rl_agents.train.metrics`, obj
 
 from __future__ import annotations
 
+import numpy as np
+
 import logging
 import os
 import time
@@ -104,7 +106,7 @@ def _resolve_ref(objective, cfg: TrainConfig, ref, n: int):
             raise ValueError("ref='adapter' needs lora.enabled (the reference is the adapter-disabled model)")
         return ref
     def turns(values) -> list:  # per turn: a number (the whole turn) or [reply, end-of-turn]
-        return [float(v) if isinstance(v, (int, float)) else [float(x) for x in v] for v in values]
+        return [float(v) if np.ndim(v) == 0 else [float(x) for x in v] for v in values]
 
     ref = [(turns(c), turns(r)) for c, r in ref]
     if len(ref) != n:

@@ -174,8 +174,9 @@ def _setup_worker(cfg: TrainConfig) -> None:
 
 # ---- reference ---------------------------------------------------------------------------------
 def precompute_reference(model, examples, cfg: TrainConfig, pad_id: int, rank: int, world: int,
-                         device: torch.device) -> list[tuple[list[float], list[float]]]:
-    """Per-turn reference log-probs of every pair, from the initial policy: each rank scores a shard
+                         device: torch.device) -> list[tuple[list[list[float]], list[list[float]]]]:
+    """Per-turn [reply, end-of-turn] reference log-probs of every pair (`pair_turn_logps`), from the
+    initial policy: each rank scores a shard
     (length-sorted micro-batches, chunk c on rank c % W), then all ranks exchange their shards."""
     keys = batch_keys(examples, cfg)
     order = sorted(range(len(examples)), key=lambda i: (keys[i] if keys else example_length(examples[i]), i))

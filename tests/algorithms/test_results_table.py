@@ -21,7 +21,11 @@ def test_table_has_intervals_and_paired_counts_against_the_baseline(tmp_path):
     sft, eto = lines[2], lines[3]
     assert sft.startswith("| SFT | 0.500 [0.500, 0.500] | 0.0% [0.0, 0.0] | - |")
     assert eto.startswith("| ETO | 0.850 [") and eto.endswith("| 8/1/1, p=0.039 |") and "| 80.0% [" in eto
-    assert "n = 10" in table
+    assert "over the tasks, 10 tasks (test_seen);" in table
+    # stages on different task counts (the demo's base model: fewer tasks) say so; no common task: "-"
+    small = {**_row("base", [0.0] * 4), "eval/test_seen/per_task": {f"u{i}": [0.0, 0] for i in range(4)}}
+    mixed = results_table([small] + rows, baseline="SFT")
+    assert "tasks (test_seen): base 4, SFT 10, ETO 10" in mixed and "| base | 0.000 [0.000, 0.000] | 0.0% [0.0, 0.0] | - |" in mixed
     # rows without per-task results (older runs) show the bare mean and no comparison
     old = {"stage": "old", "eval/test_seen/avg_reward": 0.25, "eval/test_seen/success_rate": 0.1}
     assert "| old | 0.250 | 10.0% | - |" in results_table(rows + [old], baseline="SFT")

@@ -133,8 +133,11 @@ def test_default_setting_is_etos_containers_open(env):
         easy.step("teleport to kitchen")
         obs, *_ = easy.step("look around")
         assert "The cupboard door is closed." in obs and "In the cupboard is" not in obs
+        assert "All containers" not in easy.action_help and "You can teleport" in easy.action_help
     finally:
         easy.close()
+    plain = ScienceWorldEnv(simplification="")  # no JVM until reset
+    assert "teleport" not in plain.action_help and "All containers" not in plain.action_help
 
 
 def test_turn_budget_truncates(env):

@@ -47,6 +47,16 @@ def test_eto_opening_is_prompt_not_an_agent_turn(tmp_path):
     assert "prompt" not in traj.to_dict()["turns"][0] and traj.to_dict()["turns"][1]["prompt"] is True
 
 
+def test_a_prompt_turn_after_the_first_action_is_refused(tmp_path):
+    traj = Trajectory.from_conversation(_eto_sft_record())
+    d = traj.to_dict()
+    d["turns"][5]["prompt"] = True
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(traj.to_dict()) + "\n" + json.dumps(d) + "\n")
+    with pytest.raises(TrajectoryFormatError, match=rf"^{path}:2: field 'turns\[5\].prompt': a prompt turn must come"):
+        read_trajectories(path)
+
+
 def test_an_ok_that_is_not_the_opening_stays_an_agent_turn():
     conv = {"id": "a", "conversations": [{"from": "human", "value": "task"}, {"from": "gpt", "value": "OK"},
                                          {"from": "human", "value": "obs"}, {"from": "gpt", "value": "OK"}]}
@@ -174,3 +184,12 @@ def test_data_convert_cli_round_trips_eto_pairs(tmp_path, capsys):
     assert main(["data", "convert", str(bad), str(tmp_path / "x.jsonl"), "--to", "rl_agents"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:" in err and "field 'rejected' is missing" in err and not (tmp_path / "x.jsonl").exists()
+    # a pair whose sides start from different prompts cannot be written in ETO's format: named, nothing written
+    ours = [json.loads(line) for line in (tmp_path / "ours.jsonl").read_text().splitlines()]
+    ours[0]["rejected"]["turns"][2]["text"] = "another task"
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(ours[0]) + "\n")
+    assert main(["data", "convert", str(mixed), str(tmp_path / "y.json"), "--to", "conversation"]) == 2
+    err = capsys.readouterr().err
+    assert f"{mixed}:1: pair 3: chosen and rejected start from different prompts" in err
+    assert not (tmp_path / "y.json").exists()

@@ -23,8 +23,10 @@ def test_paired_counts_wins_losses_ties_on_common_tasks_only():
     r = paired(method, base)
     assert (r.wins, r.losses, r.ties, r.n) == (1, 1, 2, 4) and r.p == 1.0
     assert r.format() == "1/1/2, p=1"
-    with pytest.raises(ValueError, match="share no task"):
-        paired({"x": 1.0}, {"y": 1.0})
+    assert paired({"x": 1.0}, {"y": 1.0}) is None
+    # several seeds: a task counts once, by its mean difference (+0.5 and -0.5 -> a tie)
+    r = paired({"a": [1.0, 0.0], "b": [1.0, 1.0]}, {"a": [0.5, 0.5], "b": [0.0, 0.5]})
+    assert (r.wins, r.losses, r.ties) == (1, 0, 1)
 
 
 def test_one_seed_interval_matches_the_normal_approximation_and_is_reproducible():
@@ -41,14 +43,27 @@ def test_one_seed_interval_matches_the_normal_approximation_and_is_reproducible(
 
 
 def test_two_seed_interval_carries_the_seed_spread():
-    """Two seeds that disagree (all tasks 0.2 vs all 0.8): no within-seed spread, so a bootstrap over
-    tasks alone would be a point; over seeds, a replicate is 0.2 (both picks seed 0), 0.5 or 0.8, so
-    the 95% interval is [0.2, 0.8]."""
-    ci = mean_ci([[0.2] * 50, [0.8] * 50])
+    """Two seeds on the same 50 tasks that disagree (every task 0.2 vs 0.8): no spread over tasks, so a
+    bootstrap over tasks alone would be a point; over seeds, a replicate is 0.2 (both picks seed 0),
+    0.5 or 0.8, so the 95% interval is [0.2, 0.8]."""
+    ci = mean_ci([{f"t{i}": 0.2 for i in range(50)}, {f"t{i}": 0.8 for i in range(50)}])
     assert ci.mean == pytest.approx(0.5) and ci.seeds == 2 and ci.n == 100
     assert ci.low == pytest.approx(0.2) and ci.high == pytest.approx(0.8)
     with pytest.raises(ValueError):
         mean_ci([[]])
+
+
+def test_seeds_that_share_their_tasks_do_not_narrow_the_interval():
+    """The same ten 0/1 outcomes as one seed or as two identical seeds on the same tasks: the tasks
+    are drawn once per replicate for both seeds, so the interval stays one seed's (drawing them per
+    seed would shrink it by about sqrt(2): [0.3, 0.9] -> [0.3, 0.7])."""
+    outcomes = {f"t{i}": float(i < 6) for i in range(10)}
+    one, two = mean_ci([outcomes]), mean_ci([outcomes, dict(outcomes)])
+    assert (one.low, one.high) == (pytest.approx(0.3), pytest.approx(0.9))
+    assert (two.low, two.high) == (pytest.approx(0.3), pytest.approx(0.9))
+    # without task ids (outcomes rebuilt from rates) two seeds are pooled at one seed's width
+    pooled = mean_ci([list(outcomes.values()), list(outcomes.values())])
+    assert pooled.mean == pytest.approx(0.6) and pooled.high - pooled.low == pytest.approx(0.6, abs=0.1)
 
 
 def test_per_task_values():
