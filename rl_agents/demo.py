@@ -10,7 +10,7 @@ run prints a table like the papers' (average reward, success rate) and writes
 library (`algorithms.*Config(...).build().train()`: Ray rollout actors, a Ray Train + DeepSpeed
 update, LoRA merged into safetensors), with its own run directory under `<out>/`.
 
-Budget (2 CPU cores, no GPU; DESIGN §9), measured with the defaults on a quiet machine (25.0 min
+Budget (2 CPU cores, no GPU), measured with the defaults on a quiet machine (25.0 min
 in all): SFT of 96 expert trajectories 4.9 min (8 LoRA/bf16 steps of 12 trajectories); exploring
 40 tasks 2.8 min (two 1-thread rollout actors, 20 episodes batched each); a DPO/DMPO step of 8
 pairs ~1 min (4 steps each); greedy evaluation of one agent on 20 + 20 tasks 2.5 min (both splits
