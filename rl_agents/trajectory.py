@@ -425,7 +425,9 @@ def _pair_from_dict(d: Any, where: str) -> Pair:
 
 
 def is_pair_record(d: Any) -> bool:
-    return isinstance(d, dict) and "chosen" in d and "rejected" in d
+    """A record of a pair file (either format): it has a side; a missing other side is then an error
+    naming that field, not a misread trajectory."""
+    return isinstance(d, dict) and ("chosen" in d or "rejected" in d)
 
 
 def _first_record(path: str | os.PathLike, text: str) -> tuple[str, Any] | None:
@@ -458,6 +460,10 @@ def read_pairs(path: str | os.PathLike, env_id: str = "") -> list[Pair]:
     if "prompt" in first:
         pairs = [pair_from_eto(d, env_id, w) for w, d in records]
     else:
+        for w, d in records:
+            missing = [k for k in ("chosen", "rejected") if not isinstance(d, dict) or k not in d]
+            if missing:
+                raise TrajectoryFormatError(f"{w}: field {missing[0]!r} is missing (a pair: 'id', 'chosen', 'rejected')")
         pairs = [_pair_from_dict(d, w) for w, d in records]
     for (where, _), (c, r) in zip(records, pairs):
         c.metadata["source_line"] = r.metadata["source_line"] = where.split(": record")[0]

@@ -193,3 +193,24 @@ def test_data_convert_cli_round_trips_eto_pairs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{mixed}:1: pair 3: chosen and rejected start from different prompts" in err
     assert not (tmp_path / "y.json").exists()
+
+
+def test_a_pair_file_missing_one_side_names_that_field(tmp_path):
+    ours = tmp_path / "ours.jsonl"
+    write_pairs(ours, read_pairs(_write_eto(tmp_path)))
+    record = json.loads(ours.read_text().splitlines()[0])
+    del record["rejected"]
+    ours.write_text(ours.read_text() + json.dumps(record) + "\n")
+    with pytest.raises(TrajectoryFormatError, match=rf"^{ours}:2: field 'rejected' is missing"):
+        read_pairs(ours)
+    eto = json.loads(_write_eto(tmp_path).read_text())
+    eto[0]["chosen_x"] = eto[0].pop("chosen")
+    (tmp_path / "renamed.json").write_text(json.dumps(eto, indent=4))
+    with pytest.raises(TrajectoryFormatError, match="field 'chosen' is missing"):
+        read_pairs(tmp_path / "renamed.json")
+
+
+def _write_eto(tmp_path):
+    path = tmp_path / "eto_pairs.json"
+    path.write_text(json.dumps([_eto_pair(1)], indent=4))
+    return path
