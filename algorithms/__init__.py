@@ -1,32 +1,15 @@
-"""Algorithms of ETO, DMPO and StepAgent, plus SFT and baselines: losses, data builders, loops.
+"""The algorithms of ETO, DMPO and StepAgent, plus SFT and the baselines, on top of `rl_agents`.
 
-The losses are pure functions over tensors (paper, equation and shapes in each docstring;
-derivations and deviations in docs/papers.md):
+* `algorithms.losses` — the losses (pure tensor functions) and the objectives the trainer runs.
+* `algorithms.base` — `Algorithm` (explore, build data, update on Ray Train, evaluate; `fit` is
+  the one driver loop) and its config sections.
+* One module per family: `imitation` (SFT, RFT), `preference` (ETO, DMPO, DPO), `step_dpo`
+  (StepAgent-implicit), `step_gail` (StepAgent-inverse), `ppo` (the PPO baseline); `stepagent`
+  holds the inspection stage both StepAgent variants share; `data` the data builders.
+* `algorithms.cli` — the `rl-agents` command; `algorithms.demo` — the main job.
 
-* `sft_loss` — SFT / RFT, masked token-mean NLL (ETO eq. 5).
-* `dpo_loss`, `dpo_rewards` — trajectory DPO of ETO (eq. 11) and the DPO baseline.
-* `dmpo_loss`, `dmpo_turn_weights`, `dmpo_rewards` — DMPO (eq. 16, released-code weight φ).
-* `step_dpo_loss` — StepAgent-implicit (eq. 6).
-* `gail_discriminator_loss`, `gail_reward` — StepAgent-inverse discriminator and reward (eq. 10-11).
-* `ppo_loss`, `step_advantages` — PPO-clip with entropy bonus and KL (StepAgent Alg. 1; PPO baseline).
+The losses are re-exported here: `from algorithms import dmpo_loss`.
 """
 
-from algorithms.dmpo import dmpo_loss, dmpo_rewards, dmpo_turn_weights
-from algorithms.dpo import dpo_loss, dpo_rewards
-from algorithms.ppo import ppo_loss, step_advantages
-from algorithms.sft import sft_loss
-from algorithms.stepagent import gail_discriminator_loss, gail_reward, step_dpo_loss
-
-__all__ = [
-    "dmpo_loss",
-    "dmpo_rewards",
-    "dmpo_turn_weights",
-    "dpo_loss",
-    "dpo_rewards",
-    "gail_discriminator_loss",
-    "gail_reward",
-    "ppo_loss",
-    "sft_loss",
-    "step_advantages",
-    "step_dpo_loss",
-]
+from algorithms.losses import *  # noqa: F403
+from algorithms.losses import __all__  # noqa: F401

@@ -1,7 +1,6 @@
-"""Algorithm API in the style RLlib users know, without RLlib's runtime (DESIGN §8).
+"""Algorithm API in the style RLlib users know, without RLlib's runtime.
 
-    algo = DMPOConfig().environment("rl_agents/TextShop-v0").rollouts(num_workers=2) \\
-                       .training(beta=0.1, gamma=0.7).build()
+    algo = DMPOConfig(beta=0.1, gamma=0.7, env=EnvSection("rl_agents/TextShop-v0")).build()
     metrics = algo.train()          # one iteration: explore -> build data -> Ray Train update
     report = algo.evaluate()        # greedy, per eval split
     path = algo.save(); algo = DMPO.restore(path)
@@ -25,7 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from rl_agents.config import ConfigError, from_dict, to_dict
-from rl_agents.train.config import OptimConfig, TrainConfig
+from rl_agents.train.config import TrainConfig
+from rl_agents.train.objective import Objective
 from rl_agents.trajectory import Trajectory, atomic_write_text, read_jsonl, write_jsonl
 
 
@@ -163,58 +163,13 @@ class AlgorithmConfig:
         _check(isinstance(self.run_dir, str) and self.run_dir.strip() != "", "run_dir", "must be a directory path",
                self.run_dir)
 
-    # ---- builder (RLlib style) --------------------------------------------------------------
-    def environment(self, env_id: str | None = None, **kwargs) -> AlgorithmConfig:
-        return self._set("env", {"env_id": env_id, **kwargs} if env_id else kwargs)
-
-    def rollouts(self, **kwargs) -> AlgorithmConfig:
-        return self._set("rollout", kwargs)
-
-    def training(self, **kwargs) -> AlgorithmConfig:
-        """Algorithm fields (β, γ, ...) by name; optimizer fields (lr, epochs, batch_size) go to
-        `train.optim`, other `TrainConfig` fields (lora, deepspeed, num_workers) to `train`."""
-        own = {f.name for f in dataclasses.fields(self)} - {"env", "rollout", "train"}
-        optim = {f.name for f in dataclasses.fields(OptimConfig)}
-        tc = {f.name for f in dataclasses.fields(TrainConfig)}
-        for k, v in kwargs.items():
-            if k in own:
-                self._set_field(self, k, v, k)
-            elif k in optim:
-                self._set_field(self.train.optim, k, v, f"train.optim.{k}")
-            elif k in tc:
-                self._set_field(self.train, k, v, f"train.{k}")
-            else:
-                raise ConfigError(f"training(): unknown key {k!r}")
-        return self
-
     def build(self) -> Algorithm:
         return ALGORITHMS[self.algo](self)
-
-    def _set(self, section: str, kwargs: dict) -> AlgorithmConfig:
-        for k, v in kwargs.items():
-            self._set_field(getattr(self, section), k, v, f"{section}.{k}")
-        return self
-
-    @staticmethod
-    def _set_field(obj, name: str, value, key: str) -> None:
-        if name not in {f.name for f in dataclasses.fields(obj)}:
-            raise ConfigError(f"unknown key {key}")
-        data = to_dict(obj)
-        data[name] = to_dict(value) if dataclasses.is_dataclass(value) else value
-        new = from_dict(type(obj), data, prefix=key[: -len(name)])
-        for f in dataclasses.fields(obj):
-            setattr(obj, f.name, getattr(new, f.name))
 
 
 def _check(ok: bool, key: str, msg: str, value) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}, got {value!r}")
-
-
-def check_positive(value: float, key: str) -> None:
-    """β-like values: finite and > 0 (`inf` and `nan` are not)."""
-    _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, key, "must be a finite number > 0",
-           value)
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
@@ -417,15 +372,31 @@ class Algorithm:
         write_jsonl(self.run_dir / "trajectories" / f"explore_iter{self.iteration}.jsonl", trajs)
         return trajs
 
-    def update(self, objective: str, data: list, **kw) -> dict[str, Any]:
-        """Train the current policy on `data` with `objective` on Ray Train; the result becomes the
-        policy (LoRA adapters are merged into full weights) and reaches the rollout workers."""
+    def train_config(self, data: list, objective: Objective) -> TrainConfig:
+        """This update's `TrainConfig`, a new value (`self.config.train` is never changed): the current
+        policy, the run's storage, a name that resumes this very update (iteration, objective, data
+        digest), the run's seed, and the global batch shrunk to the data when there is less data than
+        one batch (small runs)."""
+        tc = self.config.train
+        optim = tc.optim
+        step = optim.micro_batch_size * tc.num_workers
+        if len(data) < optim.batch_size:
+            if len(data) < step:
+                raise ValueError(f"{len(data)} examples are fewer than one micro-batch per worker ({step})")
+            optim = dataclasses.replace(optim, batch_size=len(data) // step * step)
+        return dataclasses.replace(tc, model=dataclasses.replace(tc.model, path=self.policy), optim=optim,
+                                   storage_path=str(self.run_dir / "train"),
+                                   name=f"iter{self.iteration}-{objective.name}-{data_digest(data)[:10]}",
+                                   seed=tc.seed + self.config.seed)  # the run seed reaches the trainer
+
+    def update(self, data: list, objective: Objective | None = None, **kw) -> dict[str, Any]:
+        """Train the current policy on `data` with `objective` (default: the config's `loss`) on Ray Train;
+        the result becomes the policy (LoRA adapters are merged into full weights) and reaches the
+        rollout workers."""
         from rl_agents.train import train
 
-        cfg = dataclasses.replace(self.config.train, model=dataclasses.replace(self.config.train.model, path=self.policy),
-                                  storage_path=str(self.run_dir / "train"),
-                                  name=f"iter{self.iteration}-{objective}-{data_digest(data)[:10]}",
-                                  seed=self.config.train.seed + self.config.seed)  # the run seed reaches the trainer
+        objective = objective or self.config.loss
+        cfg = self.train_config(data, objective)
         if self._group is not None:
             self._group.release_cache()  # the rollout actors stay up beside the trainer: give it their cache
         result = train(objective, data, cfg, **kw)
@@ -497,6 +468,7 @@ def _link(link: Path, target: str) -> None:
     """Point `link` at `target` atomically (a stable path to the latest policy of a run)."""
     import os
 
+    link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f".{link.name}.tmp")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
@@ -531,3 +503,10 @@ def merge_lora(base: str, adapter: str, out: str | Path) -> str:
         raise
     replace_dir(tmp, out)
     return str(out)
+
+
+def explore_metrics(trajs: list[Trajectory]) -> dict[str, float]:
+    n = max(len(trajs), 1)
+    return {"explore/avg_reward": sum(t.reward for t in trajs) / n,
+            "explore/success_rate": sum(t.success for t in trajs) / n,
+            "explore/errors": sum(bool(t.metadata.get("error")) for t in trajs)}

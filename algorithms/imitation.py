@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
+from algorithms.base import Algorithm, AlgorithmConfig, explore_metrics, register_algorithm
 from algorithms.data import context_length, encode_trajectories, successful
+from algorithms.losses.sft import SFTObjective
 from rl_agents.train.config import OptimConfig, TrainConfig
 
 
@@ -26,6 +27,16 @@ class SFTConfig(AlgorithmConfig):
     """Paper defaults (ETO): lr 1e-5, batch 64, 3 epochs, 3% warm-up, cosine decay."""
     algo = "sft"
 
+    def objective(self) -> SFTObjective:
+        return SFTObjective()
+
+
+@dataclass
+class RFTConfig(SFTConfig):
+    """As SFT (ETO's RFT baseline fine-tunes on expert + successful own trajectories)."""
+
+    algo = "rft"
+
 
 @register_algorithm
 class SFT(Algorithm):
@@ -34,16 +45,9 @@ class SFT(Algorithm):
     def training_step(self) -> dict[str, Any]:
         experts = list(self.experts().values())
         data = encode_trajectories(experts, self.segmenter(), context_length(self.policy), what="expert trajectories")
-        metrics = self.update("sft", _fit_batch(self, data))
+        metrics = self.update(data)
         metrics["data/sft_examples"] = len(data)
         return metrics
-
-
-@dataclass
-class RFTConfig(AlgorithmConfig):
-    train: TrainConfig = field(default_factory=_sft_train)
-    """As SFT (ETO's RFT baseline fine-tunes on expert + successful own trajectories)."""
-    algo = "rft"
 
 
 @register_algorithm
@@ -54,24 +58,6 @@ class RFT(Algorithm):
         explored = self.explore()
         own = successful(explored)
         data = encode_trajectories(list(self.experts().values()) + own, self.segmenter(), context_length(self.policy))
-        metrics = self.update("sft", _fit_batch(self, data))
+        metrics = self.update(data)
         metrics.update({"data/sft_examples": len(data), "data/own_successes": len(own), **explore_metrics(explored)})
         return metrics
-
-
-def explore_metrics(trajs) -> dict[str, float]:
-    n = max(len(trajs), 1)
-    return {"explore/avg_reward": sum(t.reward for t in trajs) / n,
-            "explore/success_rate": sum(t.success for t in trajs) / n,
-            "explore/errors": sum(bool(t.metadata.get("error")) for t in trajs)}
-
-
-def _fit_batch(algo: Algorithm, data: list) -> list:
-    """Shrink the global batch to the data when there is less data than one batch (small runs)."""
-    tc = algo.config.train
-    step = tc.optim.micro_batch_size * tc.num_workers
-    if len(data) < tc.optim.batch_size:
-        if len(data) < step:
-            raise ValueError(f"{len(data)} examples are fewer than one micro-batch per worker ({step})")
-        tc.optim.batch_size = len(data) // step * step
-    return data

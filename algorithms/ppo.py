@@ -1,146 +1,78 @@
-"""PPO for LLM agents: the policy step of StepAgent-inverse and the PPO baseline.
+"""PPO on the final environment reward: the baseline of ETO §4.1 and StepAgent §6.2.
 
-Clipped surrogate of Schulman et al. 2017 (eq. 7), applied per agent token with a per-sequence
-advantage, plus the entropy bonus λH of StepAgent eq. (8)/(10) and an optional KL penalty to the
-reference policy (k3 estimator, Schulman 2020 "Approximating KL divergence").
+Per iteration: explore every train task `rollout.samples_per_task` (≥ 2) times with the current
+policy (temperature sampling), give each trajectory the advantage
 
-StepAgent-inverse (Deng et al. 2025, Alg. 1 line 12) takes "a policy step with PPO rule and reward
-function log D(s, a)". Each inspected step is a one-step episode — an expert prefix ŝ_i and one
-sampled agent action a_i^θ — so the return is the step's reward and no GAE is needed: the
-advantage is reward − baseline (`step_advantages`). The paper does not say which baseline; we use
-the mean reward of the samples drawn for the same expert prefix (StepAgent draws up to 3 practice
-samples per step, §7.4), falling back to the batch mean. This is a value-free baseline (as in
-RLOO/GRPO without std scaling): no value head to train for one-step episodes, and the group mean
-removes the prefix-dependent part of the reward, which a batch mean would leave in as noise.
-The PPO baseline of ETO/StepAgent uses the final environment reward instead (StepAgent §6.2).
+    A = R − mean(R of the same task's samples)                       (`step_advantages`, group = task)
+
+and take PPO-clip steps (`algorithms.losses.PPOObjective`: `ppo_loss` with the entropy bonus and an
+optional k3 KL) over all agent tokens of the trajectory, one advantage per sequence, token mean
+over the batch. Old log-probs are recomputed by the training loop with the policy it starts from.
+
+Choices the papers leave open (none of them reports PPO settings): no value network — the group
+mean of the task's own samples is the baseline (as in RLOO/GRPO without std scaling; a critic
+would need its own training on sparse final rewards); no discounting inside the trajectory (the
+only reward is final, so every turn's return is R); a task whose samples all got the same reward
+gives advantage 0 (its tokens still count in the entropy/KL means).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
-__all__ = ["ppo_loss", "step_advantages"]
-
-
-# ─────────────────────────────── loss (pure tensor math) ───────────────────────────────
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over mask == True (all agent tokens of the batch); 0 when the mask is empty."""
-    total = torch.where(mask, x, torch.zeros_like(x)).sum()
-    count = mask.sum()
-    return total / torch.where(count > 0, count, torch.ones_like(count)).to(x.dtype)
+from algorithms.base import Algorithm, AlgorithmConfig, RolloutSection, explore_metrics, register_algorithm
+from algorithms.losses.ppo import PPOObjective
+from algorithms.stepagent import reflection_train
+from rl_agents.config import ConfigError
+from rl_agents.train.config import TrainConfig
 
 
-def ppo_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    action_mask: torch.Tensor,
-    *,
-    clip_eps: float = 0.2,
-    entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
-    ref_logps: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-level PPO-clip loss (Schulman et al. 2017, eq. 7) + entropy bonus (StepAgent eq. 10) + KL.
+@dataclass
+class PPOConfig(AlgorithmConfig):
+    loss: PPOObjective = field(default_factory=lambda: PPOObjective(entropy_coef=1e-3))
+    """PPO-clip: `loss.clip_eps` (Schulman et al. 2017: 0.2; ETO/StepAgent report none),
+    `loss.entropy_coef` (1e-3 as in verl's PPO defaults — Schulman et al.'s Atari 0.01 inflates token
+    entropies over a 49k vocabulary), `loss.kl_coef` (k3 KL to the policy each update starts from;
+    0 = off, no paper uses one)."""
+    rollout: RolloutSection = field(default_factory=lambda: RolloutSection(samples_per_task=4))
+    """`samples_per_task` ≥ 2: the per-task group the baseline is the mean of."""
+    train: TrainConfig = field(default_factory=reflection_train)
+    """No paper reports PPO settings: StepAgent's reflection stage (§6.4: lr 5e-7, batch 16, 1 epoch),
+    the stage PPO stands in for in its comparison."""
+    algo = "ppo"
 
-        r_j   = exp(log πθ(a_j) - log π_old(a_j))                        per agent token j of sequence b
-        L_pg  = mean_j -min(r_j A_b, clip(r_j, 1-ε, 1+ε) A_b)
-        L     = L_pg - entropy_coef · mean_j H_j + kl_coef · mean_j k3_j,
-        k3_j  = exp(ref_j - logp_j) - (ref_j - logp_j) - 1               (≥ 0, unbiased for KL(πθ‖πref))
-
-    logps, old_logps: (B, L) per-token log-probs under the current and the sampling policy.
-    advantages: (B,) one advantage per sequence (one-step episode), broadcast over its agent tokens.
-    action_mask: (B, L) 1 on agent tokens (bool/int/float); every mean above is over all agent tokens
-        of the batch (same normalisation as `sft_loss`).
-    entropy: (B, L) per-token policy entropy, required when entropy_coef != 0.
-    ref_logps: (B, L) reference log-probs, required when kl_coef != 0.
-    old_logps, advantages and ref_logps are constants of the step: they are detached here.
-
-    Returns (loss scalar, metrics): `loss/policy` (L_pg), `loss/entropy` (mean agent-token entropy,
-    0 without `entropy`), `kl/ref` (mean k3, 0 without `ref_logps`), `ppo/clip_frac` (fraction of agent
-    tokens where the clipped term is the smaller one, i.e. whose gradient the clip removes),
-    `ppo/ratio_mean` (mean r_j).
-    """
-    if not (isinstance(clip_eps, (int, float)) and math.isfinite(clip_eps) and clip_eps > 0):
-        raise ValueError(f"clip_eps must be a finite number > 0, got {clip_eps!r}")
-    if entropy_coef != 0 and entropy is None:
-        raise ValueError("entropy_coef != 0 needs the per-token `entropy`")
-    if kl_coef != 0 and ref_logps is None:
-        raise ValueError("kl_coef != 0 needs `ref_logps`")
-    shape = logps.shape
-    others = {"old_logps": old_logps, "action_mask": action_mask, "entropy": entropy, "ref_logps": ref_logps}
-    for name, x in others.items():
-        if x is not None and x.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} like logps")
-    if logps.dim() != 2 or advantages.shape != shape[:1]:
-        raise ValueError(f"expected logps (B, L) and advantages (B,), got {tuple(shape)} and {tuple(advantages.shape)}")
-
-    dtype = torch.promote_types(logps.dtype, torch.float32)
-    mask = action_mask != 0  # (B, L) bool
-    zeros = torch.zeros(shape, dtype=dtype, device=logps.device)
-    logps = logps.to(dtype)
-    # Off-action positions get log-ratio 0 (ratio 1), so garbage there cannot overflow exp().
-    log_ratio = torch.where(mask, logps - old_logps.detach().to(dtype), zeros)  # (B, L)
-    ratio = torch.exp(log_ratio)  # (B, L)
-    adv = advantages.detach().to(dtype)[:, None]  # (B, 1)
-    surr = ratio * adv  # (B, L)
-    surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv  # (B, L)
-    policy_loss = _masked_mean(-torch.minimum(surr, surr_clipped), mask)
-    loss = policy_loss
-
-    mean_entropy = zeros.sum()
-    if entropy is not None:
-        mean_entropy = _masked_mean(entropy.to(dtype), mask)
-        loss = loss - entropy_coef * mean_entropy
-
-    kl = zeros.sum()
-    if ref_logps is not None:
-        diff = torch.where(mask, ref_logps.detach().to(dtype) - logps, zeros)  # log(πref/πθ) per token
-        kl = _masked_mean(torch.exp(diff) - diff - 1.0, mask)
-        loss = loss + kl_coef * kl
-
-    with torch.no_grad():
-        metrics = {
-            "loss/policy": policy_loss.item(),
-            "loss/entropy": mean_entropy.item(),
-            "kl/ref": kl.item(),
-            "ppo/clip_frac": _masked_mean((surr_clipped < surr).to(dtype), mask).item(),
-            "ppo/ratio_mean": _masked_mean(ratio, mask).item(),
-        }
-    return loss, metrics
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rollout.samples_per_task < 2:
+            raise ConfigError(f"rollout.samples_per_task: PPO's baseline is the mean reward of a task's samples, "
+                              f"needs >= 2, got {self.rollout.samples_per_task}")
 
 
-def step_advantages(
-    rewards: torch.Tensor,
-    group_ids: torch.Tensor | Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Advantages of one-step episodes: A_i = r_i − baseline, detached, (B,) like `rewards`.
+@register_algorithm
+class PPO(Algorithm):
+    config_class = PPOConfig
 
-    rewards: (B,) per-step rewards (e.g. `algorithms.stepagent.gail_reward`).
-    group_ids: optional (B,) integer id of the expert prefix each sample was drawn from. With it,
-        the baseline is the mean reward of the sample's group (leave-in mean; a group of one sample
-        gets advantage 0 — no comparison, no signal); without it, the mean of the whole batch.
-    No std normalisation (it rescales the step size per group and biases towards easy prefixes).
-    """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be (B,), got {tuple(rewards.shape)}")
-    rewards = rewards.detach()
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
-    if group_ids is None:
-        return rewards - rewards.mean()
-    ids = torch.as_tensor(group_ids, device=rewards.device)
-    if ids.shape != rewards.shape:
-        raise ValueError(f"group_ids {tuple(ids.shape)} must match rewards {tuple(rewards.shape)}")
-    _, inverse = torch.unique(ids, return_inverse=True)  # (B,) group index 0..G-1
-    num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    sums = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, rewards)
-    counts = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
-        0, inverse, torch.ones_like(rewards))
-    return rewards - (sums / counts)[inverse]
+    def training_step(self) -> dict[str, Any]:
+        import torch
+
+        from algorithms.losses.ppo import step_advantages
+        from rl_agents.batches import PPOExample
+        from rl_agents.tokenization import encode_trajectory
+
+        explored = self.explore()
+        usable = [t for t in explored if not t.metadata.get("error") and t.agent_turns]
+        metrics: dict[str, Any] = {**explore_metrics(explored), "data/ppo_examples": len(usable)}
+        if not usable:
+            return metrics
+        tasks: dict[str, int] = {}
+        groups = [tasks.setdefault(t.task_id, len(tasks)) for t in usable]  # group = task
+        rewards = torch.tensor([float(t.reward) for t in usable], dtype=torch.float32)  # (N,) final rewards
+        advantages = step_advantages(rewards, groups)  # (N,) reward − the task's mean
+        seg = self.segmenter()
+        data = [PPOExample(encode_trajectory(t, seg), a, r)
+                for t, a, r in zip(usable, advantages.tolist(), rewards.tolist())]
+        metrics.update({"reward/mean": rewards.mean().item(), "advantage/abs_mean": advantages.abs().mean().item(),
+                        "data/zero_advantage_frac": (advantages == 0).float().mean().item()})
+        metrics.update(self.update(data))
+        return metrics

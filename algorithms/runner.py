@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-import algorithms.eto  # noqa: F401  (registers eto, dmpo, dpo)
+import algorithms.preference  # noqa: F401  (registers eto, dmpo, dpo)
 import algorithms.imitation  # noqa: F401  (registers sft, rft)
-import algorithms.ppo_baseline  # noqa: F401  (registers ppo)
+import algorithms.ppo  # noqa: F401  (registers ppo)
 import algorithms.step_dpo  # noqa: F401  (registers step_dpo)
 import algorithms.step_gail  # noqa: F401  (registers step_gail)
 from algorithms.base import ALGORITHMS, Algorithm, AlgorithmConfig
@@ -103,7 +103,7 @@ def preflight(cfg: AlgorithmConfig) -> None:
         if path is not None:
             load_expert_file(path, cfg.env.env_id, need_agent_turns=key == "env.expert_data")
     if getattr(cfg, "pairs_file", None) is not None:
-        from algorithms.eto import load_pairs_file
+        from algorithms.preference import load_pairs_file
 
         load_pairs_file(cfg.pairs_file, cfg.env.env_id)
     check_writable(cfg.run_dir)

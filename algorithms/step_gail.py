@@ -2,14 +2,14 @@
 
 One iteration (`StepGAIL.training_step`):
 
-1. Inspection (Alg. 1 line 7): `algorithms.step_dpo.inspect_steps`, shared with StepAgent-implicit —
+1. Inspection (Alg. 1 line 7): `algorithms.stepagent.inspect_steps`, shared with StepAgent-implicit —
    every expert trajectory is cut before each action and the current policy samples
    `practice_samples` actions a_i^θ per expert prefix ŝ_i on the Ray rollout workers.
 2. Discriminator (lines 9-11, eq. 10-11): D(s, a) = σ(head(φ(s, a))) = P(expert | s, a), trained with
    `gail_discriminator_loss` on expert steps (ŝ_i, â_i) vs agent steps (ŝ_i, a_i^θ).
 3. Policy (line 12): reward r_i = log D(ŝ_i, a_i^θ) (`gail_reward`) with the updated head, advantage
    r_i − mean reward of the samples of the same prefix (`step_advantages`), PPO-clip steps with the
-   entropy bonus λH of eq. (8)/(10) on the agent steps (objective "ppo" on Ray Train).
+   entropy bonus λH of eq. (8)/(10) on the agent steps (`PPOObjective` on Ray Train).
 
 Discriminator architecture (the paper specifies none; its Fig. 2 marks some parts frozen):
 
@@ -28,8 +28,8 @@ D and π — and is saved next to `state.json` as `discriminator.safetensors` (w
 no pickle). Freezing the backbone keeps φ fixed while the policy moves (a stationary feature space
 for a head that keeps training) and costs one forward per step instead of a second trainable LLM.
 
-Deviations: D = P(expert) label convention (see `algorithms.stepagent`); value-free group-mean
-baseline (see `algorithms.ppo`); the KL penalty (off by default) is to the policy each update
+Deviations: D = P(expert) label convention (see `algorithms.losses.gail`); value-free group-mean
+baseline (see `algorithms.losses.ppo`); the KL penalty (off by default) is to the policy each update
 starts from, not to the SFT model.
 """
 
@@ -46,10 +46,9 @@ import torch
 from torch import nn
 
 from algorithms.base import Algorithm, AlgorithmConfig, register_algorithm
-from algorithms.imitation import _fit_batch
-from algorithms.ppo_baseline import check_ppo_fields, set_ppo_loss
-from algorithms.step_dpo import _reflection_train, agrees_with_expert, inspect_steps, write_inspection
-from algorithms.stepagent import gail_discriminator_loss
+from algorithms.losses.gail import gail_discriminator_loss
+from algorithms.losses.ppo import PPOObjective
+from algorithms.stepagent import agrees_with_expert, inspect_steps, reflection_train, write_inspection
 from rl_agents.batches import EncodedSequence, TokenBatch
 from rl_agents.config import ConfigError
 from rl_agents.train.config import TrainConfig
@@ -211,12 +210,10 @@ class StepGAILConfig(AlgorithmConfig):
     """Inspect at most this many steps of each expert trajectory (None = all)."""
     iterations: int = 7
     """Inspection-reflection rounds (StepAgent Fig. 4a: the inverse variant peaks at 7 on WebShop)."""
-    clip_eps: float = 0.2
-    """PPO clip range ε (not reported; Schulman et al. 2017: 0.2)."""
-    entropy_coef: float = 1e-3
-    """Entropy bonus λ of eq. (8)/(10) (value not reported; 1e-3 as in verl's PPO defaults)."""
-    kl_coef: float = 0.0
-    """k3 KL penalty to the policy each update starts from (0 = off; the paper uses none)."""
+    loss: PPOObjective = field(default_factory=lambda: PPOObjective(entropy_coef=1e-3))
+    """The policy step: `loss.clip_eps` (not reported; Schulman et al. 2017: 0.2), `loss.entropy_coef`
+    (λ of eq. 8/10, not reported; 1e-3 as in verl's PPO defaults), `loss.kl_coef` (k3 KL to the policy
+    each update starts from; 0 = off, the paper uses none)."""
     disc_hidden: int = 256
     """Hidden width of the discriminator head (not reported)."""
     disc_lr: float = 1e-3
@@ -229,13 +226,12 @@ class StepGAILConfig(AlgorithmConfig):
     """Actions per no-grad backbone forward on a cached prefix when computing φ in the driver (bounds its memory)."""
     feature_device: str = "cpu"
     """Device of the frozen backbone in the driver ('cpu': float32; 'cuda[:k]': bfloat16)."""
-    train: TrainConfig = field(default_factory=_reflection_train)
+    train: TrainConfig = field(default_factory=reflection_train)
     """Paper defaults (StepAgent reflection, §6.4): lr 5e-7, batch 16, 1 epoch."""
     algo = "step_gail"
 
     def __post_init__(self):
         super().__post_init__()
-        check_ppo_fields(self)
         if self.practice_samples < 2:
             raise ConfigError(f"practice_samples: the baseline is the mean reward of a prefix's samples, "
                               f"needs >= 2, got {self.practice_samples}")
@@ -307,8 +303,8 @@ class StepGAIL(Algorithm):
     # ---- one iteration -----------------------------------------------------------------------
     def training_step(self) -> dict[str, Any]:
         from algorithms.data import context_length, step_source, within_context
-        from algorithms.ppo import step_advantages
-        from algorithms.stepagent import gail_reward
+        from algorithms.losses.ppo import step_advantages
+        from algorithms.losses.gail import gail_reward
         from rl_agents.batches import PPOExample
         from rl_agents.tokenization import encode_step
 
@@ -355,6 +351,5 @@ class StepGAIL(Algorithm):
                         "reward/min": rewards.min().item(), "advantage/abs_mean": advantages.abs().mean().item()})
         data = [PPOExample(s, a, r) for s, a, r in zip(agent_seqs, advantages.tolist(), rewards.tolist())]
         write_inspection(self, samples, agrees, reward=[d.reward for d in data], advantage=[d.advantage for d in data])
-        set_ppo_loss(cfg)
-        metrics.update(self.update("ppo", _fit_batch(self, data)))
+        metrics.update(self.update(data))
         return metrics

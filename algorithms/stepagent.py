@@ -1,85 +1,102 @@
-"""StepAgent (Deng et al., WWW'25): step-wise learning from an expert's trajectories.
+"""StepAgent (Deng et al., WWW'25): what its two variants share, the inspection stage.
 
-Inspection (§4.1, eq. 4-5): cut each expert trajectory before each of its actions; from the
-expert prefix ŝ_i the agent samples its own action a_i^θ (up to 3 practice samples per step, §7.4).
-Reflection, two variants:
-
-* implicit (§4.2.1, eq. 6): DPO on the step — expert action â_i preferred over a_i^θ, same prefix
-  (`step_dpo_loss`).
-* inverse (§4.2.2, eq. 8-11, Alg. 1): GAIL. A discriminator D(s, a) learns to tell expert steps from
-  agent steps (`gail_discriminator_loss`); PPO then maximises the per-step reward log D(s, a)
-  (`gail_reward`, with `algorithms.ppo.ppo_loss` / `step_advantages`).
-
-Deviation — the discriminator's label convention. We define D(s, a) = σ(logit) = P(expert | s, a)
-and train it with binary cross-entropy, expert = 1, agent = 0; the reward log D is then high when
-the agent's action looks like the expert's. The paper (eq. 10-11, after Ho & Ermon 2016) writes the
-same saddle point with the opposite convention, E_πθ[log D] + E_πe[log(1 − D)], i.e. D = P(agent),
-under which GAIL's cost would be log D — but Alg. 1 line 12 then calls log D a *reward*, which taken
-literally would push the agent away from the expert. With D = P(expert) the objective is the same
-JS-divergence game and "reward = log D" means what the paper intends.
+Inspection (§4.1, eq. 4-5, Alg. 1 line 7): cut each expert trajectory before every action
+(`algorithms.data.step_prefixes`) and let the agent produce its own action for that expert prefix
+(1–3 practice samples per step). StepAgent-implicit (`algorithms.step_dpo`) then contrasts the
+expert's action with the agent's by step DPO; StepAgent-inverse (`algorithms.step_gail`) trains a
+discriminator on them and optimises log D with PPO. Both train with StepAgent's reflection settings
+(`reflection_train`).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import json
+from pathlib import Path
+from typing import NamedTuple
 
-from algorithms.dpo import dpo_loss
-
-__all__ = ["gail_discriminator_loss", "gail_reward", "step_dpo_loss"]
-
-
-# ─────────────────────────────── loss (pure tensor math) ───────────────────────────────
-
-
-def step_dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-) -> torch.Tensor:
-    """StepAgent-implicit loss, Deng et al. 2025, eq. (6): DPO on one step.
-
-        loss = -log σ( β log[πθ(â_i|ŝ_i)/πref(â_i|ŝ_i)] - β log[πθ(a_i^θ|ŝ_i)/πref(a_i^θ|ŝ_i)] )
-
-    policy_chosen_logps/ref_chosen_logps: (B,) summed log-probs of the expert's action â_i after the
-    expert prefix ŝ_i; policy_rejected_logps/ref_rejected_logps: (B,) the same for the agent's own
-    action a_i^θ sampled from the same prefix. Only the step's action tokens count (the prefix is
-    context; with `rl_agents.batches` the action is turn 0 of a step pair). Returns (B,) losses.
-    Numerically this is `dpo_loss` (ETO App. C eq. 13 is the same step-level loss).
-    """
-    return dpo_loss(policy_chosen_logps, ref_chosen_logps, policy_rejected_logps, ref_rejected_logps, beta=beta)
+from algorithms.base import Algorithm
+from algorithms.data import StepPrompt, step_prefixes
+from rl_agents.prompting import parse_action
+from rl_agents.train.config import OptimConfig, TrainConfig
+from rl_agents.trajectory import Trajectory, atomic_write_text
 
 
-def gail_discriminator_loss(expert_logits: torch.Tensor, agent_logits: torch.Tensor) -> torch.Tensor:
-    """GAIL discriminator loss, StepAgent eq. (10)-(11) in our label convention (module docstring).
-
-        D = σ(logit) = P(expert | s, a)
-        loss = ½ ( E_expert[-log D(s, a)] + E_agent[-log(1 - D(s, a))] )
-             = ½ ( mean softplus(-expert_logits) + mean softplus(agent_logits) )
-
-    expert_logits: (N_e,) or any shape, D's logits on expert steps (s = ŝ_i, a = â_i);
-    agent_logits: (N_a,) or any shape, on the agent's steps (s = ŝ_i, a = a_i^θ). Returns a scalar.
-
-    Each class is averaged on its own, as the two expectations of eq. (10) are, so several practice
-    samples per expert step (N_a = 3 N_e) do not tilt D towards "agent". With N_e = N_a this equals
-    binary cross-entropy on the pooled batch; at D = ½ everywhere it is log 2.
-    """
-    if expert_logits.numel() == 0 or agent_logits.numel() == 0:
-        raise ValueError("need at least one expert and one agent step to train the discriminator")
-    dtype = torch.promote_types(torch.promote_types(expert_logits.dtype, agent_logits.dtype), torch.float32)
-    expert_term = F.softplus(-expert_logits.to(dtype)).mean()  # -log σ(x) = softplus(-x)
-    agent_term = F.softplus(agent_logits.to(dtype)).mean()  # -log(1 - σ(x)) = softplus(x)
-    return 0.5 * (expert_term + agent_term)
+def reflection_train() -> TrainConfig:
+    """StepAgent §4.1: reflection lr 5e-7, batch 16, 1 epoch."""
+    return TrainConfig(num_workers=1, optim=OptimConfig(lr=5e-7, batch_size=16, epochs=1, warmup_ratio=0.03))
 
 
-def gail_reward(agent_logits: torch.Tensor) -> torch.Tensor:
-    """Per-step reward for PPO, StepAgent Alg. 1 line 12: r(s, a) = log D(s, a) = logsigmoid(logit).
+class Practice(NamedTuple):
+    """One practice sample of the inspection stage: the agent's own action at an expert prefix."""
 
-    agent_logits: (B,) discriminator logits on the agent's steps. Returns (B,) rewards in (-∞, 0],
-    detached (a reward is a constant for the policy step): near 0 when the action looks expert-like,
-    very negative when D is sure it is the agent's.
-    """
-    return F.logsigmoid(agent_logits.detach().to(torch.promote_types(agent_logits.dtype, torch.float32)))
+    expert: Trajectory
+    prompt: StepPrompt
+    action_ids: list[int]
+    """The ids the engine generated (token-exact; may lack the end-of-turn at max_new_tokens)."""
+
+
+def inspect_steps(algo: Algorithm, practice_samples: int, max_steps_per_task: int | None) -> list[Practice]:
+    """StepAgent inspection (§4.1, eq. 4-5, Alg. 1 line 7), shared by the implicit and inverse variants:
+    cut every expert trajectory before each action (at most `max_steps_per_task` per task) and let
+    the current policy sample `practice_samples` actions per prefix on the rollout workers.
+
+    Scheduling: all prefixes of one expert trajectory go to one rollout worker, in waves by step
+    (wave k: prefix k of each of its tasks, x practice_samples), submitted in order. Prefix k + 1
+    extends prefix k, so the HF engine's prefix cache feeds each later wave only its new tokens
+    (about one expert turn) instead of the whole context. Practices come back in task, step,
+    sample order whatever the scheduling."""
+    import ray
+    from tqdm import tqdm
+
+    from rl_agents.engines.base import SamplingParams
+    from rl_agents.tokenization import tokenize_rollout_turns
+
+    seg, r = algo.segmenter(), algo.config.rollout
+    workers = algo.group().workers
+    waves: list[list[list[tuple[int, Trajectory, StepPrompt, list[int]]]]] = [[] for _ in workers]
+    index = 0
+    for t, expert in enumerate(algo.experts().values()):
+        mine = waves[t % len(workers)]
+        for k, sp in enumerate(step_prefixes(expert)[:max_steps_per_task]):
+            prompt = [i for ids in tokenize_rollout_turns(sp.prefix.turns, seg) for i in ids]
+            if len(mine) <= k:
+                mine.append([])
+            for _ in range(practice_samples):
+                mine[k].append((index, expert, sp, prompt))
+                index += 1
+    seed = algo.config.seed + algo.iteration
+    calls = {}
+    for w, (worker, mine) in enumerate(zip(workers, waves)):
+        for k, wave in enumerate(mine):  # one actor runs its calls in submission order
+            params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                                    seed=(seed * 1_000_003 + w * 1009 + k) % 2**31,
+                                    stop_token_ids=tuple(seg.stop_token_ids))
+            calls[worker.generate.remote([p for *_, p in wave], params)] = wave
+    out: list[tuple[int, Practice]] = []
+    with tqdm(total=index, desc="inspect steps", dynamic_ncols=True, disable=not index) as bar:
+        pending = list(calls)
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            wave = calls[ref]
+            out += [(i, Practice(e, sp, list(g.token_ids))) for (i, e, sp, _), g in zip(wave, ray.get(ref), strict=True)]
+            bar.update(len(wave))
+    return [p for _, p in sorted(out, key=lambda x: x[0])]
+
+
+def agrees_with_expert(segmenter, practice: Practice) -> bool:
+    """The agent's parsed action equals the expert's at this step (case-insensitive)."""
+    agent_text = segmenter.tokenizer.decode(practice.action_ids, skip_special_tokens=True)
+    return parse_action(agent_text).lower() == parse_action(practice.prompt.expert_turn.text).lower()
+
+
+def write_inspection(algo: Algorithm, samples: list[Practice], agrees: list[bool], **columns: list) -> Path:
+    """The iteration's practice samples as `<run_dir>/trajectories/inspect_iter<k>.jsonl` (atomically):
+    per sample the task, the step, the expert's and the agent's turn text, whether their actions agree,
+    and each of `columns` (one value per sample: what the algorithm made of it, e.g. its reward)."""
+    decode = algo.segmenter().tokenizer.decode
+    rows = [{"task_id": p.expert.task_id, "step": p.prompt.step, "expert": p.prompt.expert_turn.text,
+             "agent": decode(p.action_ids, skip_special_tokens=True), "agrees": a,
+             **{k: v[i] for k, v in columns.items()}} for i, (p, a) in enumerate(zip(samples, agrees, strict=True))]
+    path = algo.run_dir / "trajectories" / f"inspect_iter{algo.iteration}.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path

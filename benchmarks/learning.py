@@ -8,7 +8,7 @@ Per env and seed: SFT of the base model on the expert trajectories of the first 
 train tasks; every other algorithm starts from that SFT policy and trains on the first
 `--explore-tasks` train tasks. The SFT agent explores those tasks once (T = 0.7) and RFT, DPO, ETO
 (its first iteration) and DMPO noisy/clean all read that one exploration (`rollout.explore_data`,
-as `rl_agents/demo.py` does), so they see identical samples; PPO and StepAgent sample their own.
+as `algorithms/demo.py` does), so they see identical samples; PPO and StepAgent sample their own.
 Each policy is evaluated greedily on the first `--eval-tasks` tasks of test_seen and test_unseen
 (same tasks for all) by its own rollout workers; oracle Best-of-N of the SFT agent (ETO §4.1) is a
 reference row. Ray resources as the demo: 2 rollout actors × 0.5 CPU × 1 thread, 1 trainer worker
@@ -101,7 +101,7 @@ DEEPSPEED = {"enabled": True, "zero_stage": 2, "bf16": True}
 
 # The papers fine-tune 7B/8B models fully at lr 1e-5 (SFT), 1e-6 (ETO/DMPO), 5e-7 (StepAgent). On
 # 2 CPU cores we train LoRA r=32 adapters of a 135M model for about one epoch, which needs ~100x
-# larger rates: those of rl_agents/demo.py and examples/*.yaml. `shared`: reads the SFT agent's
+# larger rates: those of algorithms/demo.py and examples/*.yaml. `shared`: reads the SFT agent's
 # exploration. `per_env`: algorithm fields that differ by env.
 # Preference losses: the demo's lr 5e-5 and beta 0.5 (lr 2e-4 with beta 0.1 collapsed ETO on TextShop: README).
 PREF_OPTIM = {"lr": 5e-5, "batch_size": 8, "micro_batch_size": 2, "epochs": 1}  # ETO §4.1: 1e-6, 32, 3 epochs

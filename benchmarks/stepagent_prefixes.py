@@ -174,12 +174,14 @@ def bench_training(args, experts, model) -> dict:
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
 
-    from algorithms.objectives import FORWARD_TOKENS, get_objective, set_prefix_sharing
+    from algorithms.losses import PPOObjective
+    from algorithms.losses.dpo import StepDPOObjective
     from rl_agents.batches import PPOExample
     from rl_agents.collate import collate_pairs, collate_ppo
     from rl_agents.models import load_model, load_tokenizer
     from rl_agents.tokenization import ChatSegmenter
-    from rl_agents.train import LossConfig, OptimConfig, TrainConfig
+    from rl_agents.train import OptimConfig, TrainConfig
+    from rl_agents.train.forward import Forward
     from rl_agents.train.loop import batch_keys, epoch_plan, example_length
 
     seg = ChatSegmenter(load_tokenizer(model))
@@ -194,32 +196,31 @@ def bench_training(args, experts, model) -> dict:
     out = {}
     for name, examples in data.items():
         examples = examples[:len(examples) // 16 * 16]  # whole batches: both plans train on every example
-        objective, loss_cfg = get_objective(name), LossConfig(beta=0.5)
+        objective = StepDPOObjective(beta=0.5) if name == "step_dpo" else PPOObjective()
         lengths = [example_length(e) for e in examples]
 
         def epoch(share: bool):
             cfg = TrainConfig(optim=OptimConfig(batch_size=16, micro_batch_size=args.micro_batch_size),
                               num_workers=1, share_prefixes=share)
             plan = epoch_plan(lengths, cfg, 0, batch_keys(examples, cfg))
-            set_prefix_sharing(share)
-            total, units_all, before = 0.0, 0, FORWARD_TOKENS[0]
+            fwd = Forward(policy, share_prefixes=share)
+            total, units_all = 0.0, 0
             for step in tqdm(plan, desc=f"{name} {'shared' if share else 'padded'}", dynamic_ncols=True):
                 for micro in step:
                     ex = [examples[i] for i in micro]
                     batch = (collate_ppo(ex, 0) if name == "ppo" else
                              collate_pairs([c for c, _ in ex], [r for _, r in ex], 0))
-                    loss, _ = objective.fn(policy, batch, loss_cfg)
+                    loss, _ = objective(fwd, batch)
                     loss.backward()
                     units = sum(objective.units(e) for e in ex)
                     total, units_all = total + loss.item() * units, units_all + units
                 policy.zero_grad(set_to_none=True)
-            return total / units_all, FORWARD_TOKENS[0] - before
+            return total / units_all, fwd.tokens
 
         res = {}
         for label, share in (("padded", False), ("shared_prefixes", True)):
             (loss, tokens), wall, cpu = _timed(lambda share=share: epoch(share))
             res[label] = {"epoch_loss": loss, "forward_tokens": tokens, "wall_s": wall, "cpu_s": cpu}
-        set_prefix_sharing(True)
         p, s = res["padded"], res["shared_prefixes"]
         out[name] = {**res, "examples": len(examples), "loss_diff": abs(p["epoch_loss"] - s["epoch_loss"]),
                      **_speedups(p, s, "forward_tokens")}

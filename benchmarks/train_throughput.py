@@ -74,12 +74,13 @@ def encode_pairs(chats, tokenizer):
 
 # ---- ours ----------------------------------------------------------------------------------------
 def run_ours(pairs, model_dir: str, batch: int, storage: str, name: str) -> dict:
+    from algorithms.losses import DPOObjective
     from rl_agents.train import DeepSpeedConfig, ModelConfig, OptimConfig, TrainConfig, train
 
     cfg = TrainConfig(model=ModelConfig(path=model_dir), deepspeed=DeepSpeedConfig(enabled=True, zero_stage=0, bf16=True),
                       optim=OptimConfig(lr=1e-6, warmup_ratio=0.0, epochs=1, batch_size=batch, micro_batch_size=batch),
                       num_workers=1, cpus_per_worker=2, storage_path=storage, name=name, max_failures=0)
-    result = train("dpo", pairs, cfg)
+    result = train(DPOObjective(), pairs, cfg)
     rows = result.history
     seconds = sum(r["perf/step_s"] for r in rows) + rows[0]["perf/reference_s"]
     cpu_seconds = sum(r["perf/step_cpu_s"] for r in rows) + rows[0]["perf/reference_cpu_s"]

@@ -1,4 +1,4 @@
-"""Typed training batches (DESIGN §5, §6).
+"""Typed training batches.
 
 Every batch is built from `TokenBatch`: right-padded token ids with an agent-token mask and,
 per token, the index of the agent turn it belongs to. Per-turn log-prob sums, which all the
@@ -15,7 +15,7 @@ Conventions, fixed for every producer and consumer:
 * `end_of_turn[b, j] = 1` iff `input_ids[b, j]` is an agent turn's closing end-of-turn token (ChatML's
   `<|im_end|>`, Llama-3's `<|eot_id|>`, a generated EOS): part of the turn, with its loss, but
   told apart from the reply so that a loss can weight it on its own (DMPO's released trainer gives
-  it weight 1, `LossConfig.end_of_turn`). `turn_logps(..., parts=True)` sums the two apart.
+  it weight 1, DMPO's `loss.end_of_turn`). `turn_logps(..., parts=True)` sums the two apart.
 """
 
 from __future__ import annotations
@@ -134,20 +134,6 @@ class PPOBatch:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return PPOBatch(self.tokens.to(device), self.old_logps.to(device), self.advantages.to(device),
                         self.rewards.to(device), move(self.ref_logps))
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-@dataclass
-class DiscBatch:
-    """Discriminator D(s, a) training data: (state, action) sequences labelled expert=1 / agent=0."""
-
-    tokens: TokenBatch
-    labels: torch.Tensor  # (B,) float
-
-    def to(self, device) -> DiscBatch:
-        return DiscBatch(self.tokens.to(device), self.labels.to(device))
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -4,7 +4,7 @@ Right padding only: every real token keeps its position (0..len-1) and, with a c
 attends to padding, so a padded batch gives each sequence exactly its unpadded log-probs
 (tested on a tiny Llama with sdpa attention, fp32). Padding is marked by `attention_mask == 0`;
 nothing downstream compares ids with `pad_id`. Rows that share long prefixes are packed at the
-forward (`rl_agents.packing`, used by `algorithms.objectives.agent_logits`); unrelated sequences
+forward (`rl_agents.packing`, used by `rl_agents.train.forward.Forward`); unrelated sequences
 are not packed together (padding waste is already small with `length_grouped_batches`).
 """
 

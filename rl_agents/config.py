@@ -4,7 +4,7 @@ Configs are (nested) dataclasses validated in `__post_init__`. `from_dict` build
 plain mapping, checking every key and value *before any work starts*: an unknown key or a
 value of the wrong type raises `ConfigError` naming the dotted key (e.g. `train.optim.lr`).
 
-    cfg = load_config(DMPOConfig, "examples/dmpo_textshop.yaml", ["training.beta=0.5"])
+    cfg = load_config(DMPOConfig, "examples/dmpo_textshop.yaml", ["loss.beta=0.5"])
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(full_key_message(str(e), prefix)) from None
     except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError) or _KEY.match(str(e)):  # the message names a field: make it the dotted key
+            raise ConfigError(full_key_message(str(e), prefix)) from None
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 

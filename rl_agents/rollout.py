@@ -45,7 +45,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from rl_agents.engines.base import Engine, EngineSpec, Generation, SamplingParams, make_engine
+from rl_agents.engines import Engine, EngineSpec, Generation, SamplingParams, make_engine
 from rl_agents.prompting import initial_messages, parse_action
 from rl_agents.trajectory import Trajectory, Turn
 

@@ -34,7 +34,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from rl_agents.engines.base import EngineSpec, SamplingParams, logprob_diff, sync_probe_prompts
+from rl_agents.engines import EngineSpec, SamplingParams, logprob_diff, sync_probe_prompts
 from rl_agents.ray_utils import init_ray
 from rl_agents.rollout import RolloutConfig, RolloutTask, RolloutWorker
 from rl_agents.trajectory import Trajectory

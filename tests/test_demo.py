@@ -11,7 +11,7 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, tiny_model_dir):
-    from rl_agents.cli import main
+    from algorithms.cli import main
 
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--model", str(tiny_model_dir), "--sft-tasks", "4", "--explore-tasks", "4",

@@ -2,15 +2,16 @@
 
 Every engine (Hugging Face `generate` on CPU, vLLM on GPU, a scripted policy for env-bound
 benchmarks) takes *token ids*, never text, so the rollout worker controls the context token by
-token (DESIGN §5) and the engine never re-tokenises it.
+token and the engine never re-tokenises it.
 
 An engine returns, per prompt, a `Generation`: the generated ids trimmed after the first stop
 token (the stop token is kept: it is part of what the policy emitted), the sampling log-prob of
 each of those ids, the decoded text without special tokens, and why generation stopped.
 
-`check_weight_sync(engine, model, prompts)` is the guard against the most common silent bug of
-RL systems (stale rollout weights): the engine generates greedily, the trainer-side `model`
-scores the same tokens teacher-forced, and the largest absolute log-prob difference comes back.
+`logprob_diff(model, prompts, generations)` is the guard against the most common silent bug of RL
+systems (stale rollout weights): the engines generate greedily, the trainer-side `model` scores
+the same tokens teacher-forced, and the largest absolute log-prob difference comes back
+(`rl_agents.rollout_group.RolloutGroup.check_weight_sync` runs it on every rollout worker).
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class Generation:
     """'stop' (emitted a stop token) or 'length' (hit max_new_tokens)."""
 
 
+ENGINE_KINDS = ("hf", "vllm", "scripted")
+"""What `EngineSpec.kind` may name (`rl_agents.engines.make_engine` builds each)."""
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """What a rollout worker builds its engine from (picklable; the engine is made in the actor).
@@ -88,8 +93,8 @@ class EngineSpec:
     """Extra keyword arguments of the engine class (e.g. vLLM's gpu_memory_utilization)."""
 
     def __post_init__(self):
-        if self.kind not in ENGINES:
-            raise ValueError(f"engine kind {self.kind!r} is not one of {sorted(ENGINES)}")
+        if self.kind not in ENGINE_KINDS:
+            raise ValueError(f"engine kind {self.kind!r} is not one of {sorted(ENGINE_KINDS)}")
 
 
 class Engine(abc.ABC):
@@ -167,26 +172,6 @@ class ScriptedEngine(Engine):
         return out
 
 
-def _hf(**kw):
-    from rl_agents.engines.hf import HFEngine
-
-    return HFEngine(**kw)
-
-
-def _vllm(**kw):
-    from rl_agents.engines.vllm import VLLMEngine
-
-    return VLLMEngine(**kw)
-
-
-ENGINES: dict[str, Callable[..., Engine]] = {"hf": _hf, "vllm": _vllm, "scripted": ScriptedEngine}
-
-
-def make_engine(spec: EngineSpec) -> Engine:
-    """Build the engine a spec describes (inside the rollout actor)."""
-    return ENGINES[spec.kind](model=spec.model, dtype=spec.dtype, device=spec.device, **spec.kwargs)
-
-
 # ---- weight-sync check ------------------------------------------------------------------------
 @torch.no_grad()
 def trainer_logprobs(model: torch.nn.Module, prompt: Sequence[int], generated: Sequence[int]) -> list[float]:
@@ -214,16 +199,3 @@ def sync_probe_prompts(tokenizer, n: int = 4) -> list[list[int]]:
     texts = ["Thought: I should search for the item.\nAction:", "You are in a kitchen. There is a fridge.",
              "Instruction: buy a red shirt under 30 dollars.", "The number is higher. Next guess:"]
     return [tokenizer.encode(t, add_special_tokens=False) for t in (texts * n)[:n]]
-
-
-def check_weight_sync(engine: Engine, model: torch.nn.Module, prompts: Sequence[Sequence[int]] | None = None,
-                      max_new_tokens: int = 8) -> float:
-    """Greedy-generate on `engine`, score the same tokens with `model`; return the max abs log-prob gap.
-
-    ~0 (fp32 noise, ~1e-5) when the engine runs the trainer's weights; clearly > 0 when it is
-    stale. Greedy decoding has no logits processors, so its log-probs are the model's own
-    distribution whatever the engine's `logprobs_mode`.
-    """
-    prompts = [list(p) for p in (prompts or sync_probe_prompts(engine.tokenizer))]
-    gens = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
-    return logprob_diff(model, prompts, gens)

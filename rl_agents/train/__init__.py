@@ -1,7 +1,8 @@
-"""Training on Ray Train V2 `TorchTrainer` workers with DeepSpeed ZeRO (or DDP), DESIGN §8.
+"""Training on Ray Train V2 `TorchTrainer` workers with DeepSpeed ZeRO (or DDP).
 
+    from algorithms.losses import DPOObjective
     from rl_agents.train import TrainConfig, train
-    result = train("dpo", pairs, TrainConfig(num_workers=2))   # pairs: [(chosen, rejected)] EncodedSequences
+    result = train(DPOObjective(beta=0.1), pairs, TrainConfig(num_workers=2))  # pairs: [(chosen, rejected)]
     AutoModelForCausalLM.from_pretrained(result.checkpoint_path)
 
 `train` is the driver: it validates the data against the objective, builds the `TorchTrainer`
@@ -11,8 +12,9 @@ restart cannot fix is raised at once instead, as the worker raised it: a write i
 directory that failed for want of space, quota or permission (`rl_agents.fileio.WriteError`,
 "cannot write <path>: No space left on device (the disk is full: ...)") or a tampered checkpoint
 (`rl_agents.train.checkpoint.UnsafeCheckpointError`). The worker side is `rl_agents.train.loop`,
-checkpoints `rl_agents.train.checkpoint`, metrics `rl_agents.train.metrics`, objectives
-`algorithms.objectives`.
+checkpoints `rl_agents.train.checkpoint`, metrics `rl_agents.train.metrics`, the forward passes
+`rl_agents.train.forward`; what is optimised is the `Objective` object the caller gives
+(`rl_agents.train.objective`), with its own hyperparameters.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from rl_agents.batches import EncodedSequence
-from rl_agents.train.config import (DeepSpeedConfig, LoraConfig, LossConfig, ModelConfig, OptimConfig,
-                                    TrainConfig)
+from rl_agents.train.config import DeepSpeedConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
 from rl_agents.train.metrics import read_metrics
+from rl_agents.train.objective import Objective
 
-__all__ = ["DeepSpeedConfig", "LoraConfig", "LossConfig", "ModelConfig", "OptimConfig", "TrainConfig",
+__all__ = ["DeepSpeedConfig", "LoraConfig", "ModelConfig", "Objective", "OptimConfig", "TrainConfig",
            "TrainResult", "train"]
 
 REF_MODES = ("precompute", "adapter", "none")
@@ -111,17 +113,16 @@ def _resolve_ref(objective, cfg: TrainConfig, ref, n: int):
     ref = [(turns(c), turns(r)) for c, r in ref]
     if len(ref) != n:
         raise ValueError(f"ref has {len(ref)} entries for {n} examples")
-    whole = any(isinstance(v, float) for c, r in ref for v in (*c, *r))
-    if whole and objective.name == "dmpo" and cfg.loss.end_of_turn == "one":
-        raise ValueError("loss.end_of_turn='one' weights each turn's end-of-turn tokens apart: give the reference "
-                         "per turn as [reply, end-of-turn] log-prob sums, not one number")
+    objective.check_reference(ref)
     return ref
 
 
-def train(objective: str, data: Sequence, cfg: TrainConfig, ref: str | Sequence | None = None) -> TrainResult:
+def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Sequence | None = None) -> TrainResult:
     """Train `cfg.model` on `data` with `objective` on Ray Train workers; return the final checkpoint.
 
-    objective: a name in `algorithms.objectives.OBJECTIVES` ("sft", "dpo", "dmpo", "step_dpo", "ppo").
+    objective: what to optimise, with its hyperparameters (`algorithms.losses`: `SFTObjective()`,
+        `DPOObjective(beta=0.1)`, `DMPOObjective(beta, gamma)`, `PPOObjective(clip_eps, ...)`); it is
+        pickled to every worker.
     data: `EncodedSequence`s (SFT), (chosen, rejected) pairs of them (preference objectives) or
         `PPOExample`s (PPO; their old log-probs are precomputed on the workers with the initial policy).
     ref: the reference policy of preference objectives — "precompute" (default without LoRA: one
@@ -139,15 +140,16 @@ def train(objective: str, data: Sequence, cfg: TrainConfig, ref: str | Sequence 
                            WorkerGroupError)
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from algorithms.objectives import get_objective
     from rl_agents.models import resolve_model
     from rl_agents.ray_utils import init_ray
     from rl_agents.train.loop import train_loop_per_worker
 
-    obj = get_objective(objective)
-    _check_data(obj, data, cfg)
-    ref_mode = _resolve_ref(obj, cfg, ref, len(data))
-    name = cfg.name or f"{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective: expected an rl_agents.train.Objective (e.g. algorithms.losses.DPOObjective(beta=0.1)), "
+                        f"got {type(objective).__name__} {objective!r}")
+    _check_data(objective, data, cfg)
+    ref_mode = _resolve_ref(objective, cfg, ref, len(data))
+    name = cfg.name or f"{objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = os.path.abspath(os.path.expanduser(cfg.storage_path))
     run_dir = Path(storage) / name
     model_dir = os.path.abspath(resolve_model(cfg.model.path))

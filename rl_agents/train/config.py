@@ -3,7 +3,8 @@
 Errors are `ConfigError`s naming the dotted field (`optim.batch_size: ...`), raised before any
 worker starts. Loadable from YAML with `key=value` overrides through `rl_agents.config.load_config`.
 Defaults follow the papers where they have one (quoted per field); the algorithm configs
-(ETO, DMPO, StepAgent) override them.
+(ETO, DMPO, StepAgent) override them. The loss's own hyperparameters (β, γ, ε, ...) are not here:
+they are fields of the objective (`rl_agents.train.objective`), set by the algorithm.
 """
 
 from __future__ import annotations
@@ -97,38 +98,6 @@ class OptimConfig:
 
 
 @dataclass
-class LossConfig:
-    beta: float = 0.1
-    """β of DPO/DMPO/Step-DPO (ETO 0.1, 0.5 on ALFWorld; DMPO 0.1)."""
-    gamma: float = 0.7
-    """DMPO discount γ ∈ (0, 1] (released code 0.7)."""
-    end_of_turn: Literal["turn", "one"] = "turn"
-    """DMPO: the weight of each agent turn's closing end-of-turn token. 'turn': its turn's φ(t, T), as
-    the rest of the turn (eq. 16 weights log π(a_t|s_t), and a_t ends with it: the agent decides to
-    stop); 'one': weight 1, as DMPO's released trainer does (its φ covers the reply tokens only, the
-    separator after each reply keeps coefficient 1). docs/papers.md."""
-    clip_eps: float = 0.2
-    """PPO clip range ε of the ratio (Schulman et al. 2017: 0.2; StepAgent reports none)."""
-    entropy_coef: float = 0.0
-    """PPO entropy bonus λ (StepAgent eq. 8/10; no value reported). The algorithm configs set it
-    (step_gail, ppo: 1e-3); 0 = plain PPO-clip."""
-    kl_coef: float = 0.0
-    """PPO k3 KL penalty coefficient to the reference (the policy the update starts from, unless the
-    examples carry `ref_logps`); 0 = off (StepAgent uses none)."""
-
-    def __post_init__(self):
-        _check(self.beta > 0 and math.isfinite(self.beta), "loss.beta", "must be a finite number > 0", self.beta)
-        _check(0 < self.gamma <= 1, "loss.gamma", "must be in (0, 1]", self.gamma)
-        _check(self.end_of_turn in ("turn", "one"), "loss.end_of_turn", "must be 'turn' or 'one'", self.end_of_turn)
-        _check(self.clip_eps > 0 and math.isfinite(self.clip_eps), "loss.clip_eps", "must be a finite number > 0",
-               self.clip_eps)
-        _check(self.entropy_coef >= 0 and math.isfinite(self.entropy_coef), "loss.entropy_coef",
-               "must be a finite number >= 0", self.entropy_coef)
-        _check(self.kl_coef >= 0 and math.isfinite(self.kl_coef), "loss.kl_coef", "must be a finite number >= 0",
-               self.kl_coef)
-
-
-@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Which weights to train and in which dtype."""
@@ -138,8 +107,6 @@ class TrainConfig:
     """DeepSpeed ZeRO settings (off: plain DDP)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """AdamW, cosine schedule with warm-up, batch sizes, clipping."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    """Hyperparameters the objectives read (β, γ; PPO's ε, λ, KL coefficient)."""
     num_workers: int = 2
     """Ray Train workers (data-parallel ranks)."""
     use_gpu: bool = False

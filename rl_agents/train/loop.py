@@ -1,4 +1,4 @@
-"""The training loop one Ray Train worker runs (DESIGN §8).
+"""The training loop one Ray Train worker runs.
 
 Every worker holds the whole (small: token ids) dataset and derives the same deterministic plan:
 per epoch, `length_grouped_batches` (seeded by `seed + epoch`) gives global batches; each is
@@ -14,7 +14,7 @@ the gradient is exactly that of the global-batch mean.
 
 On-policy objectives (PPO): before the first step, every rank computes the old per-token log-probs
 of the examples it trains on in epoch 0 with the initial policy, on exactly those micro-batches and
-through the loss's own forward (`sequence_logps`), then all ranks exchange them. So the ratio is
+through the loss's own forward (`Forward.sequence_logps`), then all ranks exchange them. So the ratio is
 exactly 1 on every micro-batch of the first optimizer step. They are saved with the checkpoints
 (like the DPO reference) and reused on resume.
 
@@ -37,14 +37,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from algorithms.objectives import (FORWARD_TOKENS, Objective, get_objective, pair_turn_logps, sequence_logps,
-                                   set_prefix_sharing, unwrap)
 from rl_agents.batches import PairBatch, PPOBatch, PPOExample
 from rl_agents.collate import collate_pairs, collate_ppo, collate_sequences, length_grouped_batches
 from rl_agents.train.checkpoint import (load_state, publish_checkpoint, resume_dir, save_hf, save_state,
                                         staging_error)
 from rl_agents.train.config import TrainConfig
+from rl_agents.train.forward import Forward, unwrap
 from rl_agents.train.metrics import MetricsLogger, StepMetrics
+from rl_agents.train.objective import Objective
 
 
 # ---- data plan ---------------------------------------------------------------------------------
@@ -169,13 +169,12 @@ def _setup_worker(cfg: TrainConfig) -> None:
             # (`import deepspeed.comm.torch as m` would bind the torch package: deepspeed.comm re-exports it.)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every rank
-    set_prefix_sharing(cfg.share_prefixes)
 
 
 # ---- reference ---------------------------------------------------------------------------------
-def precompute_reference(model, examples, cfg: TrainConfig, pad_id: int, rank: int, world: int,
+def precompute_reference(fwd: Forward, examples, cfg: TrainConfig, pad_id: int, rank: int, world: int,
                          device: torch.device) -> list[tuple[list[list[float]], list[list[float]]]]:
-    """Per-turn [reply, end-of-turn] reference log-probs of every pair (`pair_turn_logps`), from the
+    """Per-turn [reply, end-of-turn] reference log-probs of every pair (`Forward.pair_turn_logps`), from the
     initial policy: each rank scores a shard
     (length-sorted micro-batches, chunk c on rank c % W), then all ranks exchange their shards."""
     keys = batch_keys(examples, cfg)
@@ -183,13 +182,14 @@ def precompute_reference(model, examples, cfg: TrainConfig, pad_id: int, rank: i
     mb = cfg.optim.micro_batch_size
     chunks = [order[k:k + mb] for k in range(0, len(order), mb)]
     mine: dict[int, tuple[list[float], list[float]]] = {}
+    model = fwd.model
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for c in range(rank, len(chunks), world):
             idx = chunks[c]
             batch = collate_pairs([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id)
-            ref_c, ref_r = pair_turn_logps(model, batch.to(device))
+            ref_c, ref_r = fwd.pair_turn_logps(batch.to(device))
             for k, i in enumerate(idx):
                 mine[i] = (ref_c[k, :examples[i][0].num_turns].tolist(), ref_r[k, :examples[i][1].num_turns].tolist())
     model.train(was_training)
@@ -199,7 +199,7 @@ def precompute_reference(model, examples, cfg: TrainConfig, pad_id: int, rank: i
     return [merged[i] for i in range(len(examples))]
 
 
-def precompute_old_logps(model, examples, lengths: list[int], cfg: TrainConfig, pad_id: int, rank: int,
+def precompute_old_logps(fwd: Forward, examples, lengths: list[int], cfg: TrainConfig, pad_id: int, rank: int,
                          world: int, device: torch.device) -> list[list[float]]:
     """Per-token log-probs (aligned with each sequence, 0 off the agent tokens) of every PPO example
     under the initial policy. Each rank scores the micro-batches it trains on in epoch 0 — the same
@@ -215,13 +215,14 @@ def precompute_old_logps(model, examples, lengths: list[int], cfg: TrainConfig, 
     rounds = -(-len(chunks) // world)
     mine += [chunks[c] if c < len(chunks) else [] for c in range(rank, rounds * world, world)]
     out: dict[int, list[float]] = {}
+    model = fwd.model
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for idx in mine:
             scored = idx or chunks[0]  # a rank without a chunk of its own repeats one (same number of passes)
             batch = collate_sequences([examples[i].sequence for i in scored], pad_id).to(device)
-            logps = sequence_logps(model, batch).float().cpu()  # (B, L)
+            logps = fwd.sequence_logps(batch).float().cpu()  # (B, L)
             for k, i in enumerate(idx):
                 out[i] = logps[k, :len(examples[i].sequence)].tolist()
     model.train(was_training)
@@ -236,14 +237,14 @@ def precompute_old_logps(model, examples, lengths: list[int], cfg: TrainConfig, 
 
 # ---- the loop ----------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. `config`: cfg (TrainConfig), objective (name), data (examples or an
+    """Ray Train entry point. `config`: cfg (TrainConfig), objective (an `Objective`), data (examples or an
     ObjectRef to them), ref ('precompute' | 'adapter' | 'none' | per-example reference lists),
     run_dir, model_dir."""
     import ray
     import ray.train
 
     cfg: TrainConfig = config["cfg"]
-    objective: Objective = get_objective(config["objective"])
+    objective: Objective = config["objective"]
     _setup_worker(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -261,6 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = per_epoch * cfg.optim.epochs
     model, optimizer, scheduler = wrap(model, cfg, total_steps, device)
     model.train()
+    fwd = Forward(model, share_prefixes=cfg.share_prefixes)
     ds = cfg.deepspeed.enabled
 
     start_step, reference = 0, None
@@ -281,10 +283,10 @@ def train_loop_per_worker(config: dict) -> None:
         if isinstance(ref_mode, (list, tuple)):
             reference = list(ref_mode)
         elif ref_mode == "precompute":
-            reference = precompute_reference(model, examples, cfg, pad_id, rank, world, device)
+            reference = precompute_reference(fwd, examples, cfg, pad_id, rank, world, device)
     if objective.on_policy:  # old log-probs: the initial policy's, or the checkpoint's on resume
         if reference is None:
-            reference = precompute_old_logps(model, examples, lengths, cfg, pad_id, rank, world, device)
+            reference = precompute_old_logps(fwd, examples, lengths, cfg, pad_id, rank, world, device)
         examples = [dataclasses.replace(e, old_logps=old) for e, old in zip(examples, reference)]
     reference_s, reference_cpu_s = time.perf_counter() - t_ref, time.process_time() - c_ref
 
@@ -344,7 +346,7 @@ def train_loop_per_worker(config: dict) -> None:
             micro = plan[k]
             units_global = sum(objective.units(examples[i]) for m in micro for i in m)
             acc = StepMetrics()
-            forward_tokens = FORWARD_TOKENS[0]
+            forward_tokens = fwd.tokens
             lr = scheduler.get_last_lr()[0]
             for g in range(grad_accum):
                 idx = micro[g * world + rank]
@@ -352,7 +354,7 @@ def train_loop_per_worker(config: dict) -> None:
                 units = sum(objective.units(examples[i]) for i in idx)
                 sync = nullcontext() if ds or g == grad_accum - 1 else model.no_sync()
                 with sync:
-                    loss, metrics = objective.fn(model, batch, cfg.loss)
+                    loss, metrics = objective(fwd, batch)
                     scaled = loss * (units * world * grad_accum / max(units_global, 1))
                     if ds:
                         model.backward(scaled)
@@ -375,7 +377,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "perf/step_cpu_s": time.process_time() - c0,  # this rank's CPU time, all threads
                         "perf/tokens_per_s": out["perf/real_tokens"] / elapsed,
                         # positions the forward passes computed: padded rows, or fewer when packed
-                        "perf/forward_tokens": FORWARD_TOKENS[0] - forward_tokens})
+                        "perf/forward_tokens": fwd.tokens - forward_tokens})
             if step == start_step:  # the reference pass before this attempt's first step
                 out.update({"perf/reference_s": reference_s, "perf/reference_cpu_s": reference_cpu_s})
             logger.log(step, out)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from algorithms.base import Algorithm
 from algorithms.runner import load_algorithm_config, run
-from rl_agents.cli import main
+from algorithms.cli import main
 from rl_agents.models import tiny_llama_dir
 from rl_agents.ray_utils import init_ray
 
@@ -113,13 +113,13 @@ def test_dmpo_is_a_tune_trainable(tmp_path):
     import ray
     from ray import tune
 
-    from algorithms.eto import DMPO
+    from algorithms.preference import DMPO
 
     base = load_algorithm_config(ROOT / "examples" / "dmpo_textshop.yaml", SMOKE + ["env.eval_tasks=1"])
     ray.shutdown()  # the module's 2-CPU cluster, if the smoke runs came first
     init_ray(num_cpus=4)  # logical CPUs: trial + rollout actor + train worker
     try:
-        tuner = tune.Tuner(DMPO.as_trainable(base), param_space={"beta": tune.grid_search([0.1, 0.5])},
+        tuner = tune.Tuner(DMPO.as_trainable(base), param_space={"loss.beta": tune.grid_search([0.1, 0.5])},
                            run_config=tune.RunConfig(storage_path=str(tmp_path), name="sweep"),
                            tune_config=tune.TuneConfig(max_concurrent_trials=1))
         results = tuner.fit()
@@ -127,7 +127,7 @@ def test_dmpo_is_a_tune_trainable(tmp_path):
         ray.shutdown()
     assert not results.errors, results.errors
     df = results.get_dataframe()
-    assert sorted(df["config/beta"]) == [0.1, 0.5]
+    assert sorted(df["config/loss.beta"]) == [0.1, 0.5]
     assert all(math.isfinite(x) for x in df["loss/dmpo"]) and (df["data/pairs"] >= 4).all()
     assert "eval/test_seen/avg_reward" in df.columns
 
@@ -161,7 +161,7 @@ def test_eto_format_files_train_directly(tmp_path, ray_cluster):
     (tmp_path / "pairs.json").write_text(json.dumps(pair_records, indent=4))
     start = _weights(tiny_llama_dir())
     runs = {"sft": ["env.expert_data=" + str(tmp_path / "sft.json")],
-            "dmpo": ["pairs_file=" + str(tmp_path / "pairs.json"), "train.loss.end_of_turn=one"]}
+            "dmpo": ["pairs_file=" + str(tmp_path / "pairs.json"), "loss.end_of_turn=one"]}
     for name, extra in runs.items():
         run_dir = tmp_path / name
         yaml = str(ROOT / "examples" / f"{name}_textshop.yaml")

@@ -242,7 +242,7 @@ def test_end_of_turn_option_hand_values():
     with pytest.raises(ValueError, match="two parts"):
         dmpo_loss(pol_w.sum(-1), zero_w.sum(-1), mask_w, pol_l.sum(-1), zero_l.sum(-1), mask_l, beta=0.5, gamma=0.5,
                   end_of_turn="one")
-    with pytest.raises(ValueError, match="end_of_turn must be one of"):
+    with pytest.raises(ValueError, match="end_of_turn: must be one of"):
         dmpo_loss(*args, beta=0.5, gamma=0.5, end_of_turn="eos")
 
 

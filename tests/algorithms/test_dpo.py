@@ -43,13 +43,16 @@ def test_dpo_numerically_stable_at_large_margins():
 
 
 def test_dpo_rewards_hand_value():
-    """Pair 0 above: chosen reward 0.1 · 2 = 0.2, rejected 0.1 · (-1) = -0.1, margin 0.3 = z; detached."""
+    """Pair 0 above: chosen reward 0.1 · 2 = 0.2, rejected 0.1 · (-1) = -0.1, margin 0.3 = z; -logσ(margin)
+    is the loss, so the rewards keep their graph (the objective detaches them for its metrics)."""
     pc = torch.tensor([-10.0], dtype=f64, requires_grad=True)
     r = dpo_rewards(pc, torch.tensor([-12.0], dtype=f64), torch.tensor([-15.0], dtype=f64),
                     torch.tensor([-14.0], dtype=f64), beta=0.1)
     torch.testing.assert_close(torch.stack([r.chosen, r.rejected, r.margin]).squeeze(1),
                                torch.tensor([0.2, -0.1, 0.3], dtype=f64))
-    assert not r.margin.requires_grad
+    assert r.margin.requires_grad
+    torch.testing.assert_close(-torch.nn.functional.logsigmoid(r.margin), dpo_loss(
+        pc, torch.tensor([-12.0], dtype=f64), torch.tensor([-15.0], dtype=f64), torch.tensor([-14.0], dtype=f64), beta=0.1))
 
 
 @pytest.mark.parametrize("beta", [0.0, -0.1, float("nan"), float("inf")])

@@ -95,7 +95,7 @@ def test_gpu_configs_follow_the_papers(path):
 @pytest.mark.parametrize("path", [p for p in CPU + GPU if yaml.safe_load(p.read_text())["algo"] == "eto"], ids=_id)
 def test_eto_uses_its_per_env_beta_and_iterations(path):
     cfg = load_algorithm_config(path)
-    assert (cfg.beta, cfg.iterations) == ETO_PER_ENV[_env_name(cfg.env.env_id)]
+    assert (cfg.loss.beta, cfg.iterations) == ETO_PER_ENV[_env_name(cfg.env.env_id)]
 
 
 def test_policy_chains_name_a_run_another_example_produces():

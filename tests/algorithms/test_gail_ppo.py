@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from algorithms import ppo_loss
-from algorithms.objectives import get_objective, sequence_logps, sequence_logps_and_entropy
+from algorithms.losses import PPOObjective
 from algorithms.step_gail import (DISC_FILE, DiscriminatorHead, StepGAIL, StepGAILConfig, action_features,
                                   discriminator_metrics, sequence_features, train_discriminator)
 from rl_agents.batches import EncodedSequence, PPOExample, token_logps
 from rl_agents.collate import collate_ppo, collate_sequences
 from rl_agents.config import ConfigError, from_dict
-from rl_agents.train import LossConfig, OptimConfig, TrainConfig
+from rl_agents.train import OptimConfig, TrainConfig
+from rl_agents.train.forward import Forward, sequence_logps
 from rl_agents.train.loop import epoch_plan, precompute_old_logps
 from rl_agents.trajectory import Trajectory, Turn
 from tests.rl_agents.test_train_units import _seq
@@ -66,9 +67,7 @@ def test_ppo_objective_equals_hand_loss_on_full_logits(tiny_model):
     true = token_logps(logits, tokens.input_ids)  # (B, L)
     examples = _with_noise(_with_noise(examples, true, "old_logps", 0.3, seed=1), true, "ref_logps", 0.3, seed=2)
     batch = collate_ppo(examples, pad_id=0)
-    cfg = LossConfig(clip_eps=0.2, entropy_coef=0.05, kl_coef=0.1)
-
-    loss, metrics = get_objective("ppo").fn(tiny_model, batch, cfg)
+    loss, metrics = PPOObjective(clip_eps=0.2, entropy_coef=0.05, kl_coef=0.1)(Forward(tiny_model), batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
     tiny_model.zero_grad()
@@ -97,7 +96,7 @@ def test_entropy_is_the_softmax_entropy_at_agent_positions(tiny_model):
     examples = _examples(3, seed=5)
     tokens = collate_sequences([e.sequence for e in examples], pad_id=0)
     with torch.no_grad():
-        logps, entropy = sequence_logps_and_entropy(tiny_model, tokens)
+        logps, entropy = Forward(tiny_model).sequence_logps_and_entropy(tokens)
         plain = sequence_logps(tiny_model, tokens)
         logits = tiny_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits.double()
     assert torch.equal(logps, plain)
@@ -116,16 +115,16 @@ def test_ratio_is_exactly_one_at_step_zero_with_precomputed_old_logps(tiny_model
     examples = _examples(5, seed=3)
     cfg = TrainConfig(optim=OptimConfig(batch_size=2, micro_batch_size=1), num_workers=1)
     lengths = [len(e) for e in examples]
-    old = precompute_old_logps(tiny_model, examples, lengths, cfg, 0, 0, 1, torch.device("cpu"))
+    old = precompute_old_logps(Forward(tiny_model), examples, lengths, cfg, 0, 0, 1, torch.device("cpu"))
     filled = [PPOExample(e.sequence, e.advantage, e.reward, old_logps=o) for e, o in zip(examples, old)]
     plan = epoch_plan(lengths, cfg, 0)
     planned = {i for step in plan for m in step for i in m}
     assert len(planned) == 4
-    objective = get_objective("ppo")
+    objective = PPOObjective(kl_coef=0.5)
     for step in plan:
         for micro in step:
             batch = collate_ppo([filled[i] for i in micro], pad_id=0)
-            loss, m = objective.fn(tiny_model, batch, LossConfig(kl_coef=0.5))
+            loss, m = objective(Forward(tiny_model), batch)
             assert m["ppo/ratio_mean"].item() == 1.0 and m["ppo/clip_frac"].item() == 0.0 and m["kl/ref"].item() == 0.0
             n = batch.tokens.action_mask.sum(1).float()
             assert m["loss/policy"].item() == pytest.approx(-(n * batch.advantages).sum().item() / n.sum().item(),
@@ -153,9 +152,9 @@ def test_ppo_on_two_workers_equals_one_worker_with_accumulation(tmp_path, tiny_m
         for name, workers in (("two", 2), ("accum", 1)):
             cfg = TrainConfig(model=ModelConfig(path=str(tiny_model_dir)), deepspeed=DeepSpeedConfig(zero_stage=2),
                               optim=OptimConfig(lr=1e-2, warmup_ratio=0.0, epochs=2, batch_size=4, micro_batch_size=2),
-                              loss=LossConfig(entropy_coef=0.01, kl_coef=0.1), num_workers=workers,
-                              storage_path=str(tmp_path), name=name)
-            runs[name] = sorted(train("ppo", data, cfg).history, key=lambda r: r["step"])
+                              num_workers=workers, storage_path=str(tmp_path), name=name)
+            objective = PPOObjective(entropy_coef=0.01, kl_coef=0.1)
+            runs[name] = sorted(train(objective, data, cfg).history, key=lambda r: r["step"])
     finally:
         ray.shutdown()
     two, accum = runs["two"], runs["accum"]
@@ -194,10 +193,10 @@ def test_ppo_loss_is_the_same_with_and_without_padding(tiny_model):
         true = token_logps(tiny_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits,
                            tokens.input_ids)
     examples = _with_noise(examples, true, "old_logps", 0.3, seed=4)
-    objective, cfg = get_objective("ppo"), LossConfig(entropy_coef=0.05)
+    objective = PPOObjective(entropy_coef=0.05)
     with torch.no_grad():
-        together, _ = objective.fn(tiny_model, collate_ppo(examples, pad_id=0), cfg)
-        alone = [objective.fn(tiny_model, collate_ppo([e], pad_id=0), cfg)[0] for e in examples]
+        together, _ = objective(Forward(tiny_model), collate_ppo(examples, pad_id=0))
+        alone = [objective(Forward(tiny_model), collate_ppo([e], pad_id=0))[0] for e in examples]
     units = [objective.units(e) for e in examples]
     assert tokens.attention_mask.eq(0).any() and units == [sum(e.sequence.action_mask) for e in examples]
     expected = sum(u * x for u, x in zip(units, alone)) / sum(units)
@@ -210,10 +209,10 @@ def test_train_rejects_non_ppo_examples_before_starting():
     cfg = TrainConfig(optim=OptimConfig(batch_size=2, micro_batch_size=1), num_workers=1)
     seqs = [e.sequence for e in _examples(2)]
     with pytest.raises(TypeError, match=r"data\[0\]: objective 'ppo' takes PPOExample"):
-        train("ppo", seqs, cfg)
+        train(PPOObjective(), seqs, cfg)
     bad = [PPOExample(seqs[0], float("nan"), 0.0), PPOExample(seqs[1], 0.0, 0.0)]
     with pytest.raises(ValueError, match="must be finite"):
-        train("ppo", bad, cfg)
+        train(PPOObjective(), bad, cfg)
 
 
 # ---- discriminator ----------------------------------------------------------------------------------
@@ -355,8 +354,8 @@ def test_discriminator_save_restore_round_trip_is_bit_exact(tmp_path, tiny_model
 def _capture_update(algo):
     seen = {}
 
-    def update(objective, data):
-        seen.update(objective=objective, data=data)
+    def update(data, objective=None):
+        seen.update(objective=objective or algo.config.loss, data=data)
         return {"loss/ppo": 0.0}
     algo.update = update
     return seen
@@ -365,7 +364,7 @@ def _capture_update(algo):
 def test_ppo_baseline_advantage_is_reward_minus_task_mean(tmp_path, tiny_model_dir, segmenter):
     """Task a: rewards (1, 0, 0.5) → advantages (0.5, −0.5, 0); task b: (0.2, 0.2) → (0, 0); a trajectory
     with an error is dropped. Each example is the whole trajectory encoded token-exact."""
-    from algorithms.ppo_baseline import PPO, PPOConfig
+    from algorithms.ppo import PPO, PPOConfig
     from rl_agents.tokenization import encode_trajectory
 
     trajs = []
@@ -378,14 +377,13 @@ def test_ppo_baseline_advantage_is_reward_minus_task_mean(tmp_path, tiny_model_d
     seen = _capture_update(algo)
     metrics = algo.training_step()
     data = seen["data"]
-    assert seen["objective"] == "ppo" and len(data) == 5 and metrics["data/ppo_examples"] == 5
+    assert seen["objective"] == PPOObjective(entropy_coef=1e-3) and len(data) == 5 and metrics["data/ppo_examples"] == 5
     assert [d.advantage for d in data] == pytest.approx([0.5, 0.0, -0.5, 0.0, 0.0], abs=1e-7)
     assert [d.reward for d in data] == pytest.approx([1.0, 0.2, 0.0, 0.2, 0.5])
     assert all(d.old_logps is None for d in data)  # the training loop fills them with the current policy
     assert data[0].sequence == encode_trajectory(trajs[0], segmenter) and data[0].sequence.num_turns == 2
     assert metrics["advantage/abs_mean"] == pytest.approx(0.2, abs=1e-6)
     assert metrics["data/zero_advantage_frac"] == pytest.approx(0.6, abs=1e-6)
-    assert algo.config.train.loss.entropy_coef == algo.config.entropy_coef == 1e-3
 
 
 def test_step_gail_iteration_rewards_are_log_d_of_the_updated_head(tmp_path, tiny_model_dir, segmenter, monkeypatch):
@@ -394,8 +392,8 @@ def test_step_gail_iteration_rewards_are_log_d_of_the_updated_head(tmp_path, tin
     advantage = reward − the mean of its prefix's 2 samples (so ± half their difference)."""
     import algorithms.step_gail as step_gail
     from algorithms.data import step_prefixes
-    from algorithms.step_dpo import Practice
-    from algorithms.stepagent import gail_reward
+    from algorithms.losses.gail import gail_reward
+    from algorithms.stepagent import Practice
     from rl_agents.tokenization import encode_step
 
     experts = [_trajectory(str(k), item, ["Action: search[" + item + "]", "Action: click[buy]"])
@@ -419,7 +417,7 @@ def test_step_gail_iteration_rewards_are_log_d_of_the_updated_head(tmp_path, tin
         diff = (rewards[k] - rewards[k + 1]).item() / 2
         assert (data[k].advantage, data[k + 1].advantage) == pytest.approx((diff, -diff), abs=1e-5)
     assert metrics["reward/mean"] == pytest.approx(rewards.mean().item(), abs=1e-5) and metrics["reward/mean"] < 0
-    assert algo.config.train.loss.clip_eps == 0.2
+    assert seen["objective"] == PPOObjective(clip_eps=0.2, entropy_coef=1e-3)
     # what the discriminator made of each sample, kept in the run directory
     rows = [json.loads(line) for line in (tmp_path / "trajectories" / "inspect_iter0.jsonl").read_text().splitlines()]
     assert len(rows) == 8
@@ -436,7 +434,8 @@ def test_step_dpo_pairs_only_disagreeing_samples_and_keeps_them_all(tmp_path, ti
     written to trajectories/inspect_iter0.jsonl with whether it agreed and whether it was paired."""
     import algorithms.step_dpo as step_dpo
     from algorithms.data import step_prefixes
-    from algorithms.step_dpo import Practice, StepDPO, StepDPOConfig
+    from algorithms.step_dpo import StepDPO, StepDPOConfig
+    from algorithms.stepagent import Practice
     from rl_agents.tokenization import encode_step
 
     experts = [_trajectory(str(k), item, ["Action: search[" + item + "]", "Action: click[buy]"])
@@ -461,16 +460,16 @@ def test_step_dpo_pairs_only_disagreeing_samples_and_keeps_them_all(tmp_path, ti
 
 # ---- configs ------------------------------------------------------------------------------------
 def test_configs_validate_ppo_fields_and_groups():
-    from algorithms.ppo_baseline import PPOConfig
+    from algorithms.ppo import PPOConfig
 
     assert StepGAILConfig().practice_samples == 3 and PPOConfig().rollout.samples_per_task == 4
     with pytest.raises(ConfigError, match="practice_samples: .* needs >= 2, got 1"):
         from_dict(StepGAILConfig, {"practice_samples": 1})
     with pytest.raises(ConfigError, match="rollout.samples_per_task: .* needs >= 2, got 1"):
         from_dict(PPOConfig, {"rollout": {"samples_per_task": 1}})
-    with pytest.raises(ConfigError, match="clip_eps: must be a finite number > 0"):
-        from_dict(PPOConfig, {"clip_eps": 0.0})
-    with pytest.raises(ConfigError, match="entropy_coef: must be a finite number >= 0"):
-        from_dict(StepGAILConfig, {"entropy_coef": -1.0})
-    with pytest.raises(ConfigError, match="loss.kl_coef: must be a finite number >= 0"):
-        from_dict(TrainConfig, {"loss": {"kl_coef": -0.1}})
+    with pytest.raises(ConfigError, match=r"^loss.clip_eps: must be a finite number > 0, got 0.0"):
+        from_dict(PPOConfig, {"loss": {"clip_eps": 0.0}})
+    with pytest.raises(ConfigError, match=r"^loss.entropy_coef: must be a finite number >= 0, got -1.0"):
+        from_dict(StepGAILConfig, {"loss": {"entropy_coef": -1.0}})
+    with pytest.raises(ConfigError, match=r"^unknown key train.loss"):  # one home: the algorithm's `loss`
+        from_dict(PPOConfig, {"train": {"loss": {"kl_coef": 0.1}}})

@@ -33,7 +33,7 @@ def _update_metrics(run_dir: Path) -> list[dict]:
 
 
 def _start(run_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rl_agents.cli", "train", "examples/sft_textshop.yaml", *TINY, f"run_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "algorithms.cli", "train", "examples/sft_textshop.yaml", *TINY, f"run_dir={run_dir}"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
 

@@ -1,4 +1,4 @@
-"""StepAgent losses: Step-DPO (eq. 6) and the GAIL discriminator / reward (eq. 10-11, Alg. 1)."""
+"""StepAgent losses: Step-DPO (eq. 6: DPO on step pairs) and the GAIL discriminator / reward (eq. 10-11, Alg. 1)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from algorithms import dpo_loss, gail_discriminator_loss, gail_reward, step_dpo_loss
+from algorithms import dpo_loss, gail_discriminator_loss, gail_reward
 
 f64 = torch.float64
 
@@ -14,17 +14,9 @@ f64 = torch.float64
 def test_step_dpo_hand_value():
     """β = 0.1. Expert action â_i: log πθ = -3, log πref = -4 → Δ_w = 1. Agent action a_i^θ: log πθ = -2,
     log πref = -1 → Δ_l = -1. z = 0.1 · (1 - (-1)) = 0.2, loss = log(1 + e^-0.2) = log(1.8187308) = 0.5981389."""
-    loss = step_dpo_loss(torch.tensor([-3.0], dtype=f64), torch.tensor([-4.0], dtype=f64),
-                         torch.tensor([-2.0], dtype=f64), torch.tensor([-1.0], dtype=f64), beta=0.1)
+    loss = dpo_loss(torch.tensor([-3.0], dtype=f64), torch.tensor([-4.0], dtype=f64),
+                    torch.tensor([-2.0], dtype=f64), torch.tensor([-1.0], dtype=f64), beta=0.1)
     torch.testing.assert_close(loss, torch.tensor([0.5981389], dtype=f64), atol=1e-7, rtol=0)
-
-
-def test_step_dpo_is_dpo_on_the_step():
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(5, generator=g) for _ in range(4)]
-    assert torch.equal(step_dpo_loss(*xs, beta=0.5), dpo_loss(*xs, beta=0.5))
-    with pytest.raises(ValueError, match="beta"):
-        step_dpo_loss(*xs, beta=0.0)
 
 
 def test_discriminator_loss_hand_value():

@@ -9,7 +9,8 @@ import importlib.util
 import pytest
 import torch
 
-from rl_agents.engines import EngineSpec, SamplingParams, ScriptedEngine, check_weight_sync, trainer_logprobs
+from rl_agents.engines import (EngineSpec, SamplingParams, ScriptedEngine, logprob_diff, sync_probe_prompts,
+                               trainer_logprobs)
 from rl_agents.engines.hf import HFEngine
 
 
@@ -187,6 +188,12 @@ def _perturbed(policy_dir, scale=0.05):
         for p in model.parameters():
             p.add_(scale * torch.randn_like(p))
     return model
+
+
+def check_weight_sync(engine, trainer) -> float:
+    """What `RolloutGroup.check_weight_sync` runs on each worker, on one engine."""
+    prompts = sync_probe_prompts(engine.tokenizer)
+    return logprob_diff(trainer, prompts, engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8)))
 
 
 def test_weight_sync_check_catches_stale_full_weights(policy_dir, tmp_path):

@@ -169,7 +169,7 @@ def test_eto_opening_tokens_carry_no_loss_and_dmpo_turn_zero_is_the_first_action
 
 
 def test_data_convert_cli_round_trips_eto_pairs(tmp_path, capsys):
-    from rl_agents.cli import main
+    from algorithms.cli import main
 
     src = tmp_path / "pairs.json"
     src.write_text(json.dumps([_eto_pair(3)], indent=4))

@@ -8,17 +8,12 @@ import random
 import pytest
 import torch
 
-from algorithms.objectives import FORWARD_TOKENS, get_objective, sequence_logps, set_prefix_sharing
+from algorithms.losses import PPOObjective
+from algorithms.losses.dpo import StepDPOObjective
 from rl_agents.batches import EncodedSequence, PPOExample
 from rl_agents.collate import collate_pairs, collate_ppo, collate_sequences
 from rl_agents.packing import pack_shared_prefixes, sort_keys
-from rl_agents.train import LossConfig
-
-
-@pytest.fixture(autouse=True)
-def _sharing_back_on():
-    yield
-    set_prefix_sharing(True)
+from rl_agents.train.forward import Forward
 
 
 def _ids(rng: random.Random, n: int) -> list[int]:
@@ -101,13 +96,12 @@ def test_packed_logps_and_gradients_equal_padded(tiny_model_dir, impl):
     batch = collate_sequences(seqs, pad_id=0)
 
     def run(share: bool):
-        set_prefix_sharing(share)
+        fwd = Forward(model, share_prefixes=share)
         model.zero_grad(set_to_none=True)
-        before = FORWARD_TOKENS[0]
-        logps = sequence_logps(model, batch)
+        logps = fwd.sequence_logps(batch)
         (logps.sum() * 0.01).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return logps.detach(), grads, FORWARD_TOKENS[0] - before
+        return logps.detach(), grads, fwd.tokens
 
     plain, g_plain, t_plain = run(False)
     packed, g_packed, t_packed = run(True)
@@ -126,13 +120,11 @@ def test_step_dpo_and_ppo_objectives_unchanged_by_packing(tiny_model):
     rng = random.Random(3)
     ppo = collate_ppo([PPOExample(s, advantage=rng.uniform(-1, 1), reward=0.0,
                                   old_logps=[rng.uniform(-9, -7) * m for m in s.action_mask]) for s in seqs[:6]], pad_id=0)
-    cfg = LossConfig(beta=0.5)
     out = {}
     for share in (False, True):
-        set_prefix_sharing(share)
+        fwd = Forward(tiny_model, share_prefixes=share)
         with torch.no_grad():
-            out[share] = (get_objective("step_dpo").fn(tiny_model, pairs, cfg)[0],
-                          get_objective("ppo").fn(tiny_model, ppo, cfg)[0])
+            out[share] = (StepDPOObjective(beta=0.5)(fwd, pairs)[0], PPOObjective()(fwd, ppo)[0])
     torch.testing.assert_close(out[True], out[False], rtol=0, atol=1e-5)
 
 
@@ -170,10 +162,10 @@ def test_step_level_ppo_plan_packs_micro_batches_and_keeps_ratio_exactly_one(tin
         assert pack_shared_prefixes(batch.input_ids, batch.attention_mask) is not None
     assert epoch_plan(lengths, TrainConfig(optim=cfg.optim, num_workers=1, share_prefixes=False), 0,
                       batch_keys(examples, TrainConfig(num_workers=1, share_prefixes=False))) == epoch_plan(lengths, cfg, 0)
-    old = precompute_old_logps(tiny_model, examples, lengths, cfg, 0, 0, 1, torch.device("cpu"))
+    old = precompute_old_logps(Forward(tiny_model), examples, lengths, cfg, 0, 0, 1, torch.device("cpu"))
     filled = [PPOExample(e.sequence, e.advantage, e.reward, old_logps=o) for e, o in zip(examples, old)]
     for micro in plan[0]:
-        _, m = get_objective("ppo").fn(tiny_model, collate_ppo([filled[i] for i in micro], pad_id=0), LossConfig())
+        _, m = PPOObjective()(Forward(tiny_model), collate_ppo([filled[i] for i in micro], pad_id=0))
         assert m["ppo/ratio_mean"].item() == 1.0 and m["ppo/clip_frac"].item() == 0.0
 
 
@@ -181,12 +173,12 @@ def test_rows_longer_than_a_sliding_window_run_unpacked(tiny_model):
     """The packed mask knows no sliding window: a model with one shorter than the batch runs padded."""
     seqs, _ = _steps()
     batch = collate_sequences(seqs, pad_id=0)
-    before = FORWARD_TOKENS[0]
+    fwd = Forward(tiny_model)
     tiny_model.config.sliding_window = batch.input_ids.shape[1] - 1
     with torch.no_grad():
-        sequence_logps(tiny_model, batch)
-    assert FORWARD_TOKENS[0] - before == batch.input_ids.numel()
+        fwd.sequence_logps(batch)
+    assert fwd.tokens == batch.input_ids.numel()
     tiny_model.config.sliding_window = batch.input_ids.shape[1]
     with torch.no_grad():
-        sequence_logps(tiny_model, batch)
-    assert FORWARD_TOKENS[0] - before < 2 * batch.input_ids.numel()
+        fwd.sequence_logps(batch)
+    assert fwd.tokens < 2 * batch.input_ids.numel()

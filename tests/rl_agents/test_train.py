@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from algorithms.losses import DMPOObjective, DPOObjective, SFTObjective
 from rl_agents.trajectory import Trajectory, Turn
 
 pytestmark = pytest.mark.slow
@@ -89,12 +90,12 @@ def runs(ray_cluster, segmenter, tiny_model_dir, tmp_path_factory):
                            name=name, **kw)
 
     specs = {
-        "A": lambda: train("dpo", pairs, cfg("A")),
-        "B": lambda: train("dpo", pairs, cfg("B", ds=False, mb=1)),
-        "C": lambda: train("dpo", pairs, cfg("C", workers=1)),
-        "D": lambda: train("dpo", pairs, cfg("D", checkpoint_every=1, fault_injection_step=2, max_failures=1)),
-        "E": lambda: train("sft", seqs, cfg("E", stage=3, bf16=True)),
-        "F": lambda: train("dmpo", pairs, cfg("F", stage=3, mb=1, lora=LoraConfig(enabled=True, r=4, alpha=8))),
+        "A": lambda: train(DPOObjective(), pairs, cfg("A")),
+        "B": lambda: train(DPOObjective(), pairs, cfg("B", ds=False, mb=1)),
+        "C": lambda: train(DPOObjective(), pairs, cfg("C", workers=1)),
+        "D": lambda: train(DPOObjective(), pairs, cfg("D", checkpoint_every=1, fault_injection_step=2, max_failures=1)),
+        "E": lambda: train(SFTObjective(), seqs, cfg("E", stage=3, bf16=True)),
+        "F": lambda: train(DMPOObjective(), pairs, cfg("F", stage=3, mb=1, lora=LoraConfig(enabled=True, r=4, alpha=8))),
     }
     def disk_full_then_resume():
         from rl_agents.fileio import WriteError
@@ -103,7 +104,7 @@ def runs(ray_cluster, segmenter, tiny_model_dir, tmp_path_factory):
         g = cfg("G", checkpoint_every=1, max_failures=1)
         os.environ[WRITE_FAULT_ENV] = "3:ENOSPC"  # read by train() on the driver
         try:
-            train("dpo", pairs, g)
+            train(DPOObjective(), pairs, g)
             error = None
         except WriteError as e:
             error = e
@@ -115,7 +116,7 @@ def runs(ray_cluster, segmenter, tiny_model_dir, tmp_path_factory):
                          "checkpoints": sorted(d.name for d in dirs),
                          "incomplete": sorted(d.name for d in dirs if not (d / "trainer" / "COMPLETE").exists()),
                          "history": [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]}
-        return error, after_failure, train("dpo", pairs, g)
+        return error, after_failure, train(DPOObjective(), pairs, g)
 
     specs["G"] = disk_full_then_resume
     cache = {}

@@ -10,11 +10,13 @@ import random
 import pytest
 import torch
 
-from algorithms.objectives import OBJECTIVES, get_objective, pair_turn_logps, reference, sequence_logps
+from algorithms.losses import DMPOObjective, DPOObjective, SFTObjective
+from algorithms.losses.dpo import StepDPOObjective
 from rl_agents.batches import EncodedSequence, token_logps
 from rl_agents.collate import collate_pairs, collate_sequences
 from rl_agents.config import ConfigError, from_dict
-from rl_agents.train import LossConfig, OptimConfig, TrainConfig
+from rl_agents.train import OptimConfig, TrainConfig, train
+from rl_agents.train.forward import Forward, pair_turn_logps, sequence_logps
 from rl_agents.train.loop import epoch_plan, lr_lambda
 
 
@@ -44,7 +46,7 @@ def pairs():
     ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
     ({"model": {"dtype": "bfloat16"}}, "model.dtype: with DeepSpeed"),
     ({"lora": {"r": 0}}, "lora.r: must be > 0"),
-    ({"loss": {"gamma": 1.5}}, "loss.gamma: must be in (0, 1]"),
+    ({"loss": {"beta": 0.5}}, "unknown key loss"),  # β lives on the objective, not the trainer's config
     ({"optim": {"warmup_ratio": 1.0}}, "optim.warmup_ratio: must be in [0, 1)"),
     ({"num_workers": 0}, "num_workers: must be > 0"),
     ({"optim": {"lrr": 1}}, "unknown key optim.lrr"),
@@ -85,11 +87,15 @@ def test_lr_schedule_warms_up_without_zero_steps_then_decays():
 
 
 # ---- objectives --------------------------------------------------------------------------------
-def test_registry_names_and_error():
-    assert {"sft", "dpo", "dmpo", "step_dpo"} <= set(OBJECTIVES)
-    assert not get_objective("sft").paired and get_objective("dmpo").paired
-    with pytest.raises(KeyError, match="valid: .*'dmpo'.*'dpo'"):
-        get_objective("ppo-typo")
+def test_objectives_carry_their_hyperparameters_and_check_them():
+    assert not SFTObjective().paired and DMPOObjective().paired and StepDPOObjective(beta=0.3).name == "step_dpo"
+    assert DMPOObjective(beta=0.3, gamma=0.5) == DMPOObjective(beta=0.3, gamma=0.5)  # values, picklable
+    with pytest.raises(ValueError, match=r"^gamma: must be in \(0, 1\], got 1.5"):
+        DMPOObjective(gamma=1.5)
+    with pytest.raises(ValueError, match=r"^beta: must be a finite number > 0, got inf"):
+        DPOObjective(beta=float("inf"))
+    with pytest.raises(TypeError, match="objective: expected an rl_agents.train.Objective"):
+        train("dpo", [], TrainConfig())  # a name is not an objective
 
 
 def test_agent_only_lm_head_equals_full_logits(tiny_model, pairs):
@@ -101,10 +107,10 @@ def test_agent_only_lm_head_equals_full_logits(tiny_model, pairs):
     torch.testing.assert_close(fast, full, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "dmpo", "step_dpo"])
-def test_loss_is_the_same_with_and_without_padding(tiny_model, pairs, name):
+@pytest.mark.parametrize("obj", [SFTObjective(), DPOObjective(beta=0.5), DMPOObjective(beta=0.5, gamma=0.7),
+                                 StepDPOObjective(beta=0.5)], ids=lambda o: o.name)
+def test_loss_is_the_same_with_and_without_padding(tiny_model, pairs, obj):
     """A micro-batch of padded examples gives the unit-weighted mean of the examples alone (fp32, 1e-6)."""
-    obj, cfg = get_objective(name), LossConfig(beta=0.5, gamma=0.7)
     rng = random.Random(2)
     refs = [([rng.uniform(-60, -5) for _ in range(c.num_turns)], [rng.uniform(-60, -5) for _ in range(r.num_turns)])
             for c, r in pairs]
@@ -117,8 +123,8 @@ def test_loss_is_the_same_with_and_without_padding(tiny_model, pairs, name):
 
     units = [obj.units(pairs[i] if obj.paired else pairs[i][0]) for i in range(len(pairs))]
     with torch.no_grad():
-        together, _ = obj.fn(tiny_model, batch(range(len(pairs))), cfg)
-        alone = [obj.fn(tiny_model, batch([i]), cfg)[0] for i in range(len(pairs))]
+        together, _ = obj(Forward(tiny_model), batch(range(len(pairs))))
+        alone = [obj(Forward(tiny_model), batch([i]))[0] for i in range(len(pairs))]
     expected = sum(u * l for u, l in zip(units, alone)) / sum(units)
     assert batch(range(len(pairs))).chosen.attention_mask.eq(0).any() if obj.paired else True  # really padded
     torch.testing.assert_close(together, expected, rtol=0, atol=1e-6)
@@ -136,13 +142,13 @@ def test_adapter_disabled_reference_equals_base_model(tiny_model_dir, pairs):
     batch = collate_pairs([c for c, _ in pairs], [r for _, r in pairs], pad_id=0)
     with torch.no_grad():
         base_c, base_r = pair_turn_logps(base, batch)
-        ref_c, ref_r = reference(lora, batch)  # no precomputed reference in the batch -> adapter disabled
+        ref_c, ref_r = Forward(lora).reference(batch)  # no precomputed reference in the batch -> adapter disabled
         pol_c, _ = pair_turn_logps(lora, batch)
     torch.testing.assert_close(ref_c, base_c, rtol=0, atol=1e-5)
     torch.testing.assert_close(ref_r, base_r, rtol=0, atol=1e-5)
     assert not torch.allclose(pol_c, base_c, atol=1e-3)  # the adapter is live outside the context
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        reference(base, batch)
+        Forward(base).reference(batch)
 
 
 # ---- HF export ---------------------------------------------------------------------------------
@@ -166,12 +172,12 @@ def test_train_rejects_bad_inputs_before_starting(pairs):
 
     cfg = TrainConfig(optim=OptimConfig(batch_size=4, micro_batch_size=1), num_workers=2)
     with pytest.raises(ValueError, match="fewer than optim.batch_size=4"):
-        train("dpo", pairs[:3], cfg)
+        train(DPOObjective(), pairs[:3], cfg)
     with pytest.raises(TypeError, match=r"data\[0\]: objective 'dpo' takes \(chosen, rejected\) pairs"):
-        train("dpo", [p[0] for p in pairs], cfg)
+        train(DPOObjective(), [p[0] for p in pairs], cfg)
     with pytest.raises(ValueError, match="ref='adapter' needs lora.enabled"):
-        train("dpo", pairs, cfg, ref="adapter")
+        train(DPOObjective(), pairs, cfg, ref="adapter")
     with pytest.raises(ValueError, match="ref has 1 entries for 4 examples"):
-        train("dpo", pairs, TrainConfig(lora=LoraConfig(enabled=True), optim=OptimConfig(batch_size=4), num_workers=2),
+        train(DPOObjective(), pairs, TrainConfig(lora=LoraConfig(enabled=True), optim=OptimConfig(batch_size=4), num_workers=2),
               ref=[([0.0], [0.0])])
     assert math.isfinite(cfg.optim.lr)

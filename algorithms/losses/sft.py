@@ -12,9 +12,13 @@ the NLL the text describes (and every released SFT script computes).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["sft_loss"]
+from rl_agents.train.objective import Metrics, Objective, agent_tokens
+
+__all__ = ["SFTObjective", "sft_loss"]
 
 
 # ─────────────────────────────── loss (pure tensor math) ───────────────────────────────
@@ -56,3 +60,20 @@ def sft_loss(
         return nll / num_tokens
     denom = mask.sum()
     return nll / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+# ─────────────────────────────── objective (what the trainer runs) ───────────────────────────────
+
+
+@dataclass(frozen=True)
+class SFTObjective(Objective):
+    """Masked token-mean NLL on agent tokens (`sft_loss`); the batch mean is over agent tokens."""
+
+    name = "sft"
+
+    def units(self, example) -> int:
+        return agent_tokens(example)
+
+    def __call__(self, fwd, batch) -> tuple[torch.Tensor, Metrics]:
+        loss = sft_loss(fwd.sequence_logps(batch), batch.action_mask)
+        return loss, {"loss/sft": loss.detach()}

@@ -113,7 +113,7 @@ def main(args) -> int:
 
 
 def _run(args) -> int:
-    from algorithms.eto import DMPOConfig, ETOConfig
+    from algorithms.preference import DMPOConfig, ETOConfig
     from algorithms.imitation import SFTConfig
     from algorithms.runner import results_table, write_results
     from envs.checker import check_text_env
@@ -146,7 +146,7 @@ def _run(args) -> int:
     _stage("2/4 ETO: explore the train tasks with the SFT agent, pair failures with experts, DPO", start)
     t0 = time.perf_counter()
     eto_spec = _common(args, out / "eto", sft_policy)
-    eto_spec.update(beta=args.beta, iterations=args.eto_iterations)
+    eto_spec.update(loss={"beta": args.beta}, iterations=args.eto_iterations)
     eto_spec["train"]["optim"] = dict(pref_optim)
     eto_policy, eto_metrics = _train(ETOConfig, eto_spec)
     lap("eto", t0)
@@ -154,7 +154,7 @@ def _run(args) -> int:
     _stage("3/4 DMPO on the same exploration (noisy setting, gamma 0.7)", start)
     t0 = time.perf_counter()
     dmpo_spec = _common(args, out / "dmpo", sft_policy)
-    dmpo_spec.update(beta=args.beta, gamma=0.7, setting="noisy", iterations=1)
+    dmpo_spec.update(loss={"beta": args.beta, "gamma": 0.7}, setting="noisy", iterations=1)
     dmpo_spec["rollout"]["explore_data"] = str(out / "eto" / "trajectories" / "explore_iter0.jsonl")
     dmpo_spec["train"]["optim"] = dict(pref_optim)
     dmpo_policy, _ = _train(DMPOConfig, dmpo_spec)

@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from algorithms.dpo import check_beta
+from algorithms.losses.dpo import check_beta, pair_metrics
+from rl_agents.train.objective import Metrics, Objective
 
-__all__ = ["DMPORewards", "check_gamma", "dmpo_loss", "dmpo_rewards", "dmpo_turn_weights"]
+__all__ = ["DMPOObjective", "DMPORewards", "check_end_of_turn", "check_gamma", "dmpo_loss", "dmpo_rewards",
+           "dmpo_turn_weights"]
 
 
 # ─────────────────────────────── loss (pure tensor math) ───────────────────────────────
@@ -44,7 +47,7 @@ __all__ = ["DMPORewards", "check_gamma", "dmpo_loss", "dmpo_rewards", "dmpo_turn
 def check_gamma(gamma: float) -> None:
     """Raise ValueError unless 0 < γ ≤ 1 (γ = 0 is the DPO limit of Corollary 4.0.2, not a valid weight)."""
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 < gamma <= 1.0:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+        raise ValueError(f"gamma: must be in (0, 1], got {gamma!r}")
 
 
 def dmpo_turn_weights(turn_mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -76,6 +79,11 @@ def dmpo_turn_weights(turn_mask: torch.Tensor, gamma: float) -> torch.Tensor:
 END_OF_TURN = ("turn", "one")
 
 
+def check_end_of_turn(end_of_turn: str) -> None:
+    if end_of_turn not in END_OF_TURN:
+        raise ValueError(f"end_of_turn: must be one of {END_OF_TURN}, got {end_of_turn!r}")
+
+
 def _weighted_logratio(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, gamma: float,
                        dtype: torch.dtype, end_of_turn: str) -> torch.Tensor:
     """Σ_t φ(t, T) (log πθ - log πref)_t over real turns: (B, T) -> (B,). Masked turns add exactly 0.
@@ -85,8 +93,7 @@ def _weighted_logratio(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tens
             or (policy.dim() == 3 and policy.shape[2] != 2):
         raise ValueError("policy and ref of one side must both be (B, T) or (B, T, 2) and mask (B, T); got "
                          f"{tuple(policy.shape)}, {tuple(ref.shape)}, {tuple(mask.shape)}")
-    if end_of_turn not in END_OF_TURN:
-        raise ValueError(f"end_of_turn must be one of {END_OF_TURN}, got {end_of_turn!r}")
+    check_end_of_turn(end_of_turn)
     if end_of_turn == "one" and policy.dim() != 3:
         raise ValueError("end_of_turn='one' needs the turns' log-probs in two parts, (B, T, 2): [reply, end-of-turn]")
     phi = dmpo_turn_weights(mask, gamma).to(dtype)  # (B, T)
@@ -102,8 +109,28 @@ def _weighted_logratio(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tens
     return weighted.flatten(1).sum(dim=-1)
 
 
-def _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,
-           policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma, end_of_turn):
+class DMPORewards(NamedTuple):
+    """Φ(τ) of DMPO eq. (17) for both sides ((B,) each, with their graph: detach them for metrics)."""
+
+    chosen: torch.Tensor  # Σ_t β φ(t,T_w) Δ_t^w
+    rejected: torch.Tensor  # Σ_t β φ(t,T_l) Δ_t^l
+    margin: torch.Tensor  # chosen - rejected; the loss is -logσ(margin)
+
+
+def dmpo_rewards(
+    policy_chosen_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    chosen_turn_mask: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    rejected_turn_mask: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    end_of_turn: str = "turn",
+) -> DMPORewards:
+    """The weighted implicit rewards Φ(τ_w), Φ(τ_l) of eq. (17) and their margin, whose -logσ is the
+    loss (`dmpo_loss`, same inputs)."""
     check_beta(beta)
     check_gamma(gamma)
     if policy_chosen_logps.shape[:1] != policy_rejected_logps.shape[:1]:
@@ -116,7 +143,7 @@ def _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,
                                        end_of_turn)
     rejected = beta * _weighted_logratio(policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, gamma, dtype,
                                          end_of_turn)
-    return chosen, rejected  # (B,) each: Φ(τ_w), Φ(τ_l) of eq. (17)
+    return DMPORewards(chosen, rejected, chosen - rejected)
 
 
 def dmpo_loss(
@@ -146,34 +173,44 @@ def dmpo_loss(
     Identities (tested): one turn on each side gives `dpo_loss`; γ → 0 gives DPO on turn 0;
     masked turns contribute exactly 0.
     """
-    chosen, rejected = _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,
-                              policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma, end_of_turn)
-    return -F.logsigmoid(chosen - rejected)
+    return -F.logsigmoid(dmpo_rewards(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask, policy_rejected_logps,
+                                      ref_rejected_logps, rejected_turn_mask, beta=beta, gamma=gamma,
+                                      end_of_turn=end_of_turn).margin)
 
 
-class DMPORewards(NamedTuple):
-    """Φ(τ) of DMPO eq. (17) for both sides (detached, (B,) each), for metrics."""
-
-    chosen: torch.Tensor  # Σ_t β φ(t,T_w) Δ_t^w
-    rejected: torch.Tensor  # Σ_t β φ(t,T_l) Δ_t^l
-    margin: torch.Tensor  # chosen - rejected; the loss is -logσ(margin)
+# ─────────────────────────────── objective (what the trainer runs) ───────────────────────────────
 
 
-def dmpo_rewards(
-    policy_chosen_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    chosen_turn_mask: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    rejected_turn_mask: torch.Tensor,
-    *,
-    beta: float,
-    gamma: float,
-    end_of_turn: str = "turn",
-) -> DMPORewards:
-    """Same inputs as `dmpo_loss`; the weighted implicit rewards Φ(τ_w), Φ(τ_l) and their margin."""
-    with torch.no_grad():
-        chosen, rejected = _sides(policy_chosen_logps, ref_chosen_logps, chosen_turn_mask,
-                                  policy_rejected_logps, ref_rejected_logps, rejected_turn_mask, beta, gamma,
-                                  end_of_turn)
-    return DMPORewards(chosen, rejected, chosen - rejected)
+@dataclass(frozen=True)
+class DMPOObjective(Objective):
+    """DMPO on per-turn log-prob sums, each turn's reply and end-of-turn apart (`dmpo_rewards`)."""
+
+    beta: float = 0.1
+    """β (DMPO 0.1; ETO 0.5 on ALFWorld)."""
+    gamma: float = 0.7
+    """Discount γ ∈ (0, 1] (released code 0.7)."""
+    end_of_turn: Literal["turn", "one"] = "turn"
+    """The weight of each agent turn's closing end-of-turn token: 'turn' its turn's φ(t, T), 'one' 1,
+    as DMPO's released trainer (module docstring; docs/papers.md)."""
+    name = "dmpo"
+    paired = True
+
+    def __post_init__(self):
+        check_beta(self.beta)
+        check_gamma(self.gamma)
+        check_end_of_turn(self.end_of_turn)
+
+    def check_reference(self, ref: list) -> None:
+        if self.end_of_turn == "one" and any(isinstance(v, float) for c, r in ref for v in (*c, *r)):
+            raise ValueError("end_of_turn='one' weights each turn's end-of-turn tokens apart: give the reference "
+                             "per turn as [reply, end-of-turn] log-prob sums, not one number")
+
+    def __call__(self, fwd, batch) -> tuple[torch.Tensor, Metrics]:
+        ref_c, ref_r = fwd.reference(batch)
+        pol_c, pol_r = fwd.pair_turn_logps(batch)
+        mask_c, mask_r = batch.chosen.turn_mask(pol_c.shape[1]), batch.rejected.turn_mask(pol_r.shape[1])
+        rewards = dmpo_rewards(pol_c, ref_c, mask_c, pol_r, ref_r, mask_r, beta=self.beta, gamma=self.gamma,
+                               end_of_turn=self.end_of_turn)
+        losses = -F.logsigmoid(rewards.margin)
+        sums = (x.sum((1, 2)) for x in (pol_c, ref_c, pol_r, ref_r))
+        return losses.mean(), pair_metrics("dmpo", losses, rewards, *sums)

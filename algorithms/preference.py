@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from algorithms.base import Algorithm, AlgorithmConfig, check_positive, register_algorithm
+from algorithms.base import Algorithm, AlgorithmConfig, explore_metrics, register_algorithm
 from algorithms.data import is_noisy, trajectory_pairs
-from algorithms.imitation import _fit_batch, explore_metrics
+from algorithms.losses.dmpo import DMPOObjective
+from algorithms.losses.dpo import DPOObjective
 from rl_agents.config import ConfigError
 from rl_agents.train.config import OptimConfig, TrainConfig
 from rl_agents.trajectory import Pair, TrajectoryFormatError, read_pairs, require_agent_turns, write_pairs
@@ -46,8 +47,8 @@ def _pref_train() -> TrainConfig:
 
 @dataclass
 class ETOConfig(AlgorithmConfig):
-    beta: float = 0.1
-    """DPO β (ETO: 0.1 on WebShop and ScienceWorld, 0.5 on ALFWorld)."""
+    loss: DPOObjective = field(default_factory=DPOObjective)
+    """Trajectory DPO: `loss.beta` (ETO: 0.1 on WebShop and ScienceWorld, 0.5 on ALFWorld)."""
     max_rejected_steps: int | None = None
     """Cap the lose trajectory at this many agent turns (ETO's released code caps it); None = no cap."""
     iterations: int = 2
@@ -63,7 +64,6 @@ class ETOConfig(AlgorithmConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive(self.beta, "beta")
         if self.max_rejected_steps is not None and self.max_rejected_steps < 1:
             raise ConfigError(f"max_rejected_steps: must be >= 1 or null (no cap), got {self.max_rejected_steps}")
         if self.pairs_file is not None and not (isinstance(self.pairs_file, str) and self.pairs_file.strip()):
@@ -73,7 +73,6 @@ class ETOConfig(AlgorithmConfig):
 @register_algorithm
 class ETO(Algorithm):
     config_class = ETOConfig
-    objective = "dpo"
 
     def pairs(self) -> tuple[list, dict[str, Any]]:
         if self.config.pairs_file and self.iteration == 0:
@@ -93,33 +92,26 @@ class ETO(Algorithm):
             return metrics
         seg = self.segmenter()
         data = encode_pairs(pairs, seg, context_length(self.policy))  # drops (and names) pairs over the context
-        self.config.train.loss.beta = self.config.beta
-        if hasattr(self.config, "gamma"):
-            self.config.train.loss.gamma = self.config.gamma
-        metrics.update(self.update(self.objective, _fit_batch(self, data)))
+        metrics.update(self.update(data))
         return metrics
 
 
 @dataclass
 class DMPOConfig(ETOConfig):
-    gamma: float = 0.7
-    """DMPO discount γ ∈ (0, 1] (released code: 0.7; the paper sweeps 0.1 … 0.99)."""
+    loss: DMPOObjective = field(default_factory=DMPOObjective)
+    """The DMPO loss: `loss.beta`, `loss.gamma` (released code: 0.7; the paper sweeps 0.1 … 0.99),
+    `loss.end_of_turn` ('turn': each turn's end-of-turn token weighted by its turn's φ; 'one': by 1,
+    as the released trainer)."""
     setting: Literal["noisy", "clean"] = "noisy"
     """noisy: keep degenerate lose trajectories; clean: drop them (DMPO §5)."""
     iterations: int = 1
     """DMPO trains once from the SFT agent's trajectories; > 1 = the DMPO loss inside the ETO loop."""
     algo = "dmpo"
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.gamma <= 1:
-            raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")
-
 
 @register_algorithm
 class DMPO(ETO):
     config_class = DMPOConfig
-    objective = "dmpo"
 
     def pairs(self):
         pairs, metrics = super().pairs()

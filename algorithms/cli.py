@@ -1,4 +1,4 @@
-"""`rl-agents` command line (also `python -m rl_agents.cli`, what `ray job submit` runs).
+"""`rl-agents` command line (also `python -m algorithms.cli`, what `ray job submit` runs).
 
     rl-agents env list
     rl-agents env check ENV_ID [--actions N] [--experts K]
@@ -213,7 +213,7 @@ def cmd_explore(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from rl_agents.demo import main as demo_main
+    from algorithms.demo import main as demo_main
 
     return demo_main(args)
 
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         ev.set_defaults(func=fn)
 
     d = sub.add_parser("demo", help="the main job: SmolLM2 on TextShop, SFT then ETO and DMPO, evaluated")
-    from rl_agents.demo import add_arguments
+    from algorithms.demo import add_arguments
 
     add_arguments(d)
     d.set_defaults(func=cmd_demo)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import examples.guess_number_env  # noqa: F401  (registers examples/GuessNumber-v0)
-from rl_agents.cli import build_parser, cmd_env_play, main
+from algorithms.cli import build_parser, cmd_env_play, main
 from rl_agents.trajectory import read_conversations, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_env_list_from_a_fresh_process_shows_the_three_envs():
     bin_dir = Path(sys.executable).parent
     exe = bin_dir / "rl-agents"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rl_agents.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "algorithms.cli"]
     out = subprocess.run(cmd + ["env", "list"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     for env_id in ("rl_agents/TextShop-v0", "rl_agents/ScienceWorld-v0", "rl_agents/ALFWorld-v0"):
         assert env_id in out
@@ -71,7 +71,7 @@ def test_env_check_command(capsys):
 
 def test_module_prefixed_env_id_from_a_fresh_process(tmp_path):
     """docs/new_env.md: `rl-agents env check module:EnvId` imports the user's module."""
-    out = subprocess.run([sys.executable, "-m", "rl_agents.cli", "data", "experts",
+    out = subprocess.run([sys.executable, "-m", "algorithms.cli", "data", "experts",
                           "examples.guess_number_env:examples/GuessNumber-v0", "--limit", "5", "--out",
                           str(tmp_path / "e.jsonl")], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -82,7 +82,7 @@ def test_module_prefixed_env_id_from_a_fresh_process(tmp_path):
 def test_train_takes_overrides_before_and_after_its_flag(monkeypatch):
     """`rl-agents train CONFIG --no-start-eval k=v` and `... k=v --no-start-eval` mean the same;
     a stray non-override argument is still an error."""
-    import rl_agents.cli as cli
+    import algorithms.cli as cli
 
     seen = []
     monkeypatch.setattr(cli, "cmd_train", lambda args: seen.append((args.overrides, args.no_start_eval)) or 0)
@@ -136,7 +136,7 @@ def _train_error(capsys, args) -> str:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.loss.beta=.inf", "train.loss.beta: must be a finite number > 0, got inf"),
+    ("train.loss.beta=0.3", "unknown key train.loss"),  # β has one home: the algorithm's `loss`
     ("env.train_tasks=-1", "env.train_tasks: must be >= 1 or null (null = all), got -1"),
     ("env.eval_tasks=0", "env.eval_tasks: must be >= 1 or null (null = all), got 0"),
     ("iterations=-3", "iterations: must be >= 1, got -3"),
@@ -163,8 +163,8 @@ def test_train_rejects_bad_values_before_any_work(capsys, tmp_path, override, me
 
 def test_eto_rejects_a_negative_rejected_step_cap(capsys, tmp_path):
     line = _train_error(capsys, [str(ROOT / "examples" / "eto_textshop.yaml"), f"run_dir={tmp_path / 'r'}",
-                                 "max_rejected_steps=-5", "beta=.inf"])
-    assert line == "config error: beta: must be a finite number > 0, got inf"
+                                 "max_rejected_steps=-5", "loss.beta=.inf"])
+    assert line == "config error: loss.beta: must be a finite number > 0, got inf"
     line = _train_error(capsys, [str(ROOT / "examples" / "eto_textshop.yaml"), f"run_dir={tmp_path / 'r'}",
                                  "max_rejected_steps=-5"])
     assert line == "config error: max_rejected_steps: must be >= 1 or null (no cap), got -5"
