@@ -21,9 +21,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from rl_agents.config import ConfigError, from_dict, to_dict
+from rl_agents.rollout_group import RolloutSection
 from rl_agents.train.config import TrainConfig
 from rl_agents.train.objective import Objective
 from rl_agents.trajectory import Trajectory, atomic_write_text, read_jsonl, write_jsonl
@@ -58,84 +60,6 @@ class EnvSection:
         _check(self.expert_data is None or self.expert_data != "", "env.expert_data", "must be a file or null",
                self.expert_data)
 
-
-@dataclass
-class RolloutSection:
-    engine: Literal["hf", "vllm"] = "hf"
-    """Generation engine of the rollout workers: Hugging Face generate (CPU) or vLLM (GPU)."""
-    num_workers: int = 1
-    """Rollout actors."""
-    envs_per_worker: int = 16
-    """Episodes each actor advances together (one batched generate per turn)."""
-    num_cpus_per_worker: float = 1
-    """CPUs Ray reserves per rollout actor."""
-    threads_per_worker: int | None = None
-    """torch threads of each actor's HF engine (None = Ray's default, the reserved CPUs)."""
-    num_gpus_per_worker: float = 0
-    temperature: float = 1.0
-    """Exploration sampling temperature (evaluation is greedy)."""
-    top_p: float = 1.0
-    max_new_tokens: int = 96
-    """Tokens per agent turn."""
-    max_context: int = 2048
-    """Prompt + generation budget; longer episodes end cleanly ('context')."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments of the engine: vLLM's `LLM(...)` (gpu_memory_utilization,
-    tensor_parallel_size, max_model_len, enforce_eager, ...: checked by vLLM when the workers
-    start) or the HF engine's (prefix_cache_mb, max_batch_size, logprobs_mode: checked here).
-    model, dtype and device come from the fields above."""
-    sync_check: Literal["auto", "always", "never"] = "auto"
-    """After each weight update, compare the rollout engines' log-probs on probe prompts with the
-    new policy's, computed on the driver in fp32 (metric `sync/max_logprob_diff`: ~0 when the
-    weights arrived). 'auto': only for checkpoints under 2 GiB; a 7B/8B policy would need ~30 GiB
-    of driver memory and minutes of CPU forward per update."""
-    samples_per_task: int = 1
-    """Exploration samples per train task."""
-    explore_data: str | None = None
-    """JSONL of trajectories that stand in for the first iteration's exploration (e.g. another
-    run's `trajectories/explore_iter0.jsonl`), so that methods compared from one starting policy
-    see the same samples (DMPO vs ETO's first iteration); trajectories of tasks outside the train
-    tasks are ignored. None = sample with the current policy."""
-
-    def __post_init__(self):
-        _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1", self.num_workers)
-        _check(self.envs_per_worker >= 1, "rollout.envs_per_worker", "must be >= 1", self.envs_per_worker)
-        _check(self.num_cpus_per_worker > 0, "rollout.num_cpus_per_worker", "must be > 0", self.num_cpus_per_worker)
-        _check(self.threads_per_worker is None or self.threads_per_worker >= 1, "rollout.threads_per_worker",
-               "must be >= 1 or null", self.threads_per_worker)
-        _check(self.num_gpus_per_worker >= 0, "rollout.num_gpus_per_worker", "must be >= 0", self.num_gpus_per_worker)
-        _check(math.isfinite(self.temperature) and self.temperature >= 0, "rollout.temperature",
-               "must be a finite number >= 0", self.temperature)
-        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
-        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
-        _check(self.max_context > self.max_new_tokens, "rollout.max_context",
-               f"must be > rollout.max_new_tokens ({self.max_new_tokens})", self.max_context)
-        _check(self.samples_per_task >= 1, "rollout.samples_per_task", "must be >= 1", self.samples_per_task)
-        owned = {"model", "dtype", "device"} & set(self.engine_kwargs)
-        if owned:
-            raise ConfigError(f"rollout.engine_kwargs: {sorted(owned)} are set by rollout.dtype and the run "
-                              "(model = the current policy, device from num_gpus_per_worker)")
-        if self.engine == "hf":
-            import inspect
-
-            from rl_agents.engines.hf import HFEngine
-
-            known = set(inspect.signature(HFEngine.__init__).parameters) - {"self", "model", "dtype", "device"}
-            bad = sorted(set(self.engine_kwargs) - known)
-            if bad:
-                raise ConfigError(f"rollout.engine_kwargs: {bad} are not arguments of the hf engine; "
-                                  f"valid: {', '.join(sorted(known))}")
-
-
-
-def engine_spec(r: RolloutSection, model: str):
-    """The rollout workers' engine: `r.engine` on `model`, with `r.engine_kwargs` on top of the threads."""
-    from rl_agents.engines.base import EngineSpec
-
-    threads = {"num_threads": r.threads_per_worker} if r.threads_per_worker and r.engine == "hf" else {}
-    return EngineSpec(kind=r.engine, model=str(model), dtype=r.dtype, device="cuda" if r.num_gpus_per_worker else "cpu",
-                      kwargs={**threads, **r.engine_kwargs})
 
 @dataclass
 class AlgorithmConfig:
@@ -219,6 +143,50 @@ class Algorithm:
         self.save()
         return metrics
 
+    def fit(self, rows: list[dict[str, Any]] | None = None, *, evaluate: bool = True, evaluate_start: bool = False,
+            label: str | None = None, on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+            on_iteration: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """The driver loop: train from `self.iteration` to `config.iterations`, evaluating after every
+        `evaluate_every`-th iteration and after the last (`evaluate=False`: never). Every caller runs
+        this loop: `rl-agents train`, Ray Tune (`as_trainable`), the demo and the learning benchmark.
+
+        rows: the result rows so far (a resumed run's), appended to in place and returned: one per
+        evaluation, {"stage", "iteration", the iteration's explore/ and data/ metrics, eval/...}.
+        evaluate_start: first evaluate the starting policy (stage "start"), unless `rows` has it.
+        on_row(rows): after each row is added (e.g. write the results table).
+        on_iteration(metrics): after each iteration, with its metrics (and its evaluation's).
+        An evaluation lost to an interruption after its iteration trained is made up here."""
+        cfg = self.config
+        rows = rows if rows is not None else []
+        name = label or cfg.algo
+
+        def add(row: dict[str, Any]) -> dict[str, Any]:
+            rows.append(row)
+            if on_row is not None:
+                on_row(rows)
+            return row
+
+        def evaluated(iteration: int, metrics: dict[str, Any]) -> dict[str, Any]:
+            return add({"stage": f"{name} iter {iteration}", "iteration": iteration,
+                        **{k: v for k, v in metrics.items() if k.startswith(("explore/", "data/"))}, **self.evaluate()})
+
+        if evaluate and evaluate_start and self.iteration == 0 and not any(r.get("stage") == "start" for r in rows):
+            add({"stage": "start", "iteration": 0, **self.evaluate()})
+        if evaluate and self.iteration and self.history and not any(r.get("iteration") == self.iteration for r in rows) \
+                and self._evaluates_after(self.iteration):
+            evaluated(self.iteration, self.history[-1])  # trained, then interrupted before its evaluation
+        for i in range(self.iteration, cfg.iterations):
+            metrics = self.train()
+            if evaluate and self._evaluates_after(i + 1):
+                metrics = {**metrics, **evaluated(i + 1, metrics)}
+            if on_iteration is not None:
+                on_iteration(metrics)
+        return rows
+
+    def _evaluates_after(self, iteration: int) -> bool:
+        every = self.config.evaluate_every
+        return iteration == self.config.iterations or bool(every and iteration % every == 0)
+
     def evaluate(self, splits: list[str] | None = None, n: int | None = None) -> dict[str, Any]:
         """Greedy evaluation of the current policy: `eval/<split>/{avg_reward,success_rate,mean_turns}`,
         and `eval/<split>/per_task` (task id -> [reward, success]: what the tables' intervals and paired
@@ -268,7 +236,8 @@ class Algorithm:
     @classmethod
     def as_trainable(cls, base: AlgorithmConfig | None = None):
         """A Ray Tune function trainable: `param_space` holds dotted overrides of `base`
-        (e.g. {"beta": tune.grid_search([0.1, 0.5]), "gamma": ...}); one report per iteration."""
+        (e.g. {"loss.beta": tune.grid_search([0.1, 0.5]), "loss.gamma": ...}); one report per iteration
+        (`fit`)."""
         from ray import tune
 
         from rl_agents.config import apply_overrides
@@ -285,11 +254,7 @@ class Algorithm:
                 cfg.run_dir = str(Path(trial_dir) / "run")
             algo = cls(cfg)
             try:
-                for i in range(cfg.iterations):
-                    m = algo.train()
-                    if cfg.evaluate_every and (i + 1) % cfg.evaluate_every == 0 or i + 1 == cfg.iterations:
-                        m.update(algo.evaluate())
-                    tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))})
+                algo.fit(on_iteration=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}))
             finally:
                 algo.stop()
 
@@ -303,18 +268,9 @@ class Algorithm:
     def group(self):
         """The rollout workers (created once; their weights follow `self.policy`)."""
         if self._group is None:
-            from rl_agents.engines.base import SamplingParams
-            from rl_agents.rollout import RolloutConfig
-            from rl_agents.rollout_group import RolloutGroup
-
-            r, env = self.config.rollout, self.config.env
-            spec = engine_spec(r, self.policy)
+            env = self.config.env
             kwargs = {**env.env_kwargs, **({"max_turns": env.max_turns} if env.max_turns else {})}
-            rcfg = RolloutConfig(env_id=env.env_id, split="train", env_kwargs=kwargs, num_envs=r.envs_per_worker,
-                                 max_context=r.max_context,
-                                 sampling=SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens))
-            self._group = RolloutGroup(spec, rcfg, r.num_workers, num_cpus=r.num_cpus_per_worker,
-                                       num_gpus=r.num_gpus_per_worker, progress=True)
+            self._group = self.config.rollout.make_group(self.policy, env.env_id, env_kwargs=kwargs)
         return self._group
 
     def segmenter(self):

@@ -194,12 +194,19 @@ def _where_stopped(cfg) -> str:
             f"{cfg.train.checkpoint_every} steps)")
 
 
+def _rollout(args):
+    from rl_agents.rollout_group import RolloutSection
+
+    return RolloutSection(num_workers=args.workers, envs_per_worker=args.envs_per_worker,
+                          max_new_tokens=args.max_new_tokens)
+
+
 def cmd_eval(args) -> int:
     from rl_agents.evaluation import evaluate
 
-    evaluate(args.model, args.env, args.split, n=args.n, best_of=args.best_of, num_workers=args.workers,
-             envs_per_worker=args.envs_per_worker, max_new_tokens=args.max_new_tokens, seed=args.seed,
-             out_path=args.out, trajectories_path=args.trajectories, env_kwargs=_env_kwargs(args))
+    evaluate(args.model, args.env, args.split, n=args.n, best_of=args.best_of, rollout=_rollout(args),
+             max_new_tokens=args.max_new_tokens, seed=args.seed, out_path=args.out,
+             trajectories_path=args.trajectories, env_kwargs=_env_kwargs(args))
     return 0
 
 
@@ -207,8 +214,8 @@ def cmd_explore(args) -> int:
     from rl_agents.evaluation import explore
 
     explore(args.model, args.env, args.split, n=args.n, out_path=args.out, samples_per_task=args.samples,
-            temperature=args.temperature, num_workers=args.workers, envs_per_worker=args.envs_per_worker,
-            max_new_tokens=args.max_new_tokens, seed=args.seed, env_kwargs=_env_kwargs(args))
+            temperature=args.temperature, rollout=_rollout(args), max_new_tokens=args.max_new_tokens,
+            seed=args.seed, env_kwargs=_env_kwargs(args))
     return 0
 
 

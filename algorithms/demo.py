@@ -57,32 +57,27 @@ def _stage(name: str, start: float) -> None:
 
 
 def _train(config_cls, spec: dict):
-    """Build, run `iterations` training iterations, stop; return (final policy dir, metrics)."""
+    """Build, run the driver loop without evaluation (`Algorithm.fit`), stop; return (policy dir, last metrics)."""
     from rl_agents.config import from_dict
 
     algo = from_dict(config_cls, spec).build()
-    metrics = {}
     try:
-        for _ in range(algo.config.iterations):
-            metrics = algo.train()
+        algo.fit(evaluate=False)
     finally:
         algo.stop()
-    return algo.policy, metrics
+    return algo.policy, algo.history[-1]
 
 
 def _evaluate(policies: dict[str, str], args, out: Path) -> list[dict]:
     """Greedy evaluation of every policy on the same tasks, one rollout group (weights swapped)."""
-    from rl_agents.engines.base import EngineSpec, SamplingParams
+    from rl_agents.config import from_dict
     from rl_agents.evaluation import evaluate
-    from rl_agents.rollout import RolloutConfig
-    from rl_agents.rollout_group import RolloutGroup
+    from rl_agents.rollout_group import RolloutSection
 
     first = next(iter(policies.values()))
-    spec = EngineSpec("hf", first, kwargs={"num_threads": 1})
-    rcfg = RolloutConfig(env_id=ENV_ID, split="test_seen", env_kwargs={"max_turns": args.max_turns},
-                         num_envs=args.envs, max_context=2048, sampling=SamplingParams(temperature=0.0))
+    rollout = from_dict(RolloutSection, _common(args, out, first)["rollout"])
     rows = []
-    with RolloutGroup(spec, rcfg, 2, num_cpus=0.5, progress=True) as group:
+    with rollout.make_group(first, ENV_ID, env_kwargs={"max_turns": args.max_turns}, split="test_seen") as group:
         for stage, policy in policies.items():
             if policy != first or rows:
                 group.update_weights(policy)

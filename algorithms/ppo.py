@@ -21,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from algorithms.base import Algorithm, AlgorithmConfig, RolloutSection, explore_metrics, register_algorithm
+from algorithms.base import Algorithm, AlgorithmConfig, explore_metrics, register_algorithm
 from algorithms.losses.ppo import PPOObjective
 from algorithms.stepagent import reflection_train
 from rl_agents.config import ConfigError
+from rl_agents.rollout_group import RolloutSection
 from rl_agents.train.config import TrainConfig
 
 

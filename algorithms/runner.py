@@ -172,22 +172,7 @@ def run(cfg: AlgorithmConfig, *, evaluate_base: bool = True, label: str | None =
               f"{', start evaluation done' if any(r.get('stage') == 'start' for r in rows) else ''}", flush=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump({"algo": cfg.algo, **to_dict(cfg)}, sort_keys=False))
     try:
-        if evaluate_base and algo.iteration == 0 and not any(r.get("stage") == "start" for r in rows):
-            rows.append({"stage": "start", "iteration": 0, **algo.evaluate()})
-            write_results(run_dir, rows)
-        for i in range(algo.iteration, cfg.iterations):
-            metrics = algo.train()
-            last = i + 1 == cfg.iterations
-            if last or (cfg.evaluate_every and (i + 1) % cfg.evaluate_every == 0):
-                rows.append({"stage": f"{label or cfg.algo} iter {i + 1}", "iteration": i + 1,
-                             **{k: v for k, v in metrics.items() if k.startswith(("explore/", "data/"))},
-                             **algo.evaluate()})
-            write_results(run_dir, rows)
-        if algo.iteration == cfg.iterations and not any(r.get("iteration") == cfg.iterations for r in rows):
-            # the last iteration trained but its evaluation was interrupted
-            m = algo.history[-1] if algo.history else {}
-            rows.append({"stage": f"{label or cfg.algo} iter {cfg.iterations}", "iteration": cfg.iterations,
-                         **{k: v for k, v in m.items() if k.startswith(("explore/", "data/"))}, **algo.evaluate()})
+        algo.fit(rows, evaluate_start=evaluate_base, label=label, on_row=lambda rows: write_results(run_dir, rows))
     finally:
         algo.stop()
     write_results(run_dir, rows)

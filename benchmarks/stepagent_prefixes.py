@@ -61,7 +61,7 @@ def _timed(fn):
 def bench_inspection(args, experts, model) -> dict:
     import ray
 
-    from algorithms.base import RolloutSection
+    from rl_agents.rollout_group import RolloutSection
     from algorithms.data import step_prefixes
     from algorithms.step_dpo import inspect_steps
     from rl_agents.engines.base import SamplingParams

@@ -14,8 +14,9 @@ dict and, with `out_path`, writes it as JSON atomically.
 `explore(model, env_id, split, n, out_path)` samples trajectories (ETO's exploration phase) and
 writes them to JSONL (`rl_agents.trajectory.write_jsonl`), token ids and log-probs included.
 
-Both build a group from an `EngineSpec`, or reuse a running `group` (its engines keep their
-current weights); Ray is started if needed and shut down again only if they started it.
+Both start workers as `rollout` says (`RolloutSection.make_group`), or reuse a running `group`
+(its engines keep their current weights); Ray is started if needed and shut down again only if
+they started it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rl_agents.engines.base import EngineSpec, SamplingParams
+from rl_agents.engines import EngineSpec, SamplingParams
 from rl_agents.ray_utils import init_ray
-from rl_agents.rollout import RolloutConfig, make_tasks
-from rl_agents.rollout_group import RolloutGroup
+from rl_agents.rollout import make_tasks
+from rl_agents.rollout_group import RolloutGroup, RolloutSection
 from rl_agents.trajectory import Trajectory, atomic_write_text, write_jsonl
 
 
@@ -72,16 +73,7 @@ def _splits(split: str | Sequence[str]) -> list[str]:
     return [s.strip() for s in split.split(",")] if isinstance(split, str) else list(split)
 
 
-def _group(model: str | EngineSpec, env_id: str, split: str, *, engine: str, dtype: str, num_workers: int,
-           envs_per_worker: int, max_context: int, env_kwargs: dict | None, num_cpus: float, num_gpus: float,
-           progress: bool) -> RolloutGroup:
-    if isinstance(model, EngineSpec):
-        spec = model
-    else:
-        spec = EngineSpec(engine, str(model), dtype=dtype, device="cuda" if num_gpus else "cpu")
-    config = RolloutConfig(env_id, split=split, env_kwargs=dict(env_kwargs or {}), num_envs=envs_per_worker,
-                           max_context=max_context)
-    return RolloutGroup(spec, config, num_workers, num_cpus=num_cpus, num_gpus=num_gpus, progress=progress)
+DEFAULT_ROLLOUT = RolloutSection(envs_per_worker=8, max_new_tokens=128)
 
 
 class _Session:
@@ -105,16 +97,15 @@ class _Session:
 
 
 def evaluate(model: str | EngineSpec, env_id: str, split: str | Sequence[str] = "test_seen", n: int | None = None,
-             best_of: int = 1, num_workers: int = 1, *, envs_per_worker: int = 8, temperature: float | None = None,
-             top_p: float = 1.0, max_new_tokens: int = 128, max_context: int = 2048, seed: int = 0,
-             out_path: str | Path | None = None, trajectories_path: str | Path | None = None,
-             env_kwargs: dict | None = None, engine: str = "hf", dtype: str = "float32", num_cpus: float = 1,
-             num_gpus: float = 0, group: RolloutGroup | None = None, progress: bool = True,
-             verbose: bool = True) -> dict[str, Any]:
+             best_of: int = 1, *, rollout: RolloutSection | None = None, temperature: float | None = None,
+             top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, out_path: str | Path | None = None,
+             trajectories_path: str | Path | None = None, env_kwargs: dict | None = None,
+             group: RolloutGroup | None = None, progress: bool = True, verbose: bool = True) -> dict[str, Any]:
     """Average reward, success rate and mean turns per split (see the module docstring).
 
-    model: an HF checkpoint dir / alias (run by `engine`: 'hf' or 'vllm') or an `EngineSpec`; ignored
-    if `group` is given. num_cpus/num_gpus: resources per rollout worker.
+    model: an HF checkpoint dir / alias or an `EngineSpec`; ignored if `group` is given.
+    rollout: the workers to start when no `group` is given (engine, workers, resources, episodes per
+    worker, context; default `RolloutSection(envs_per_worker=8)`).
     split: one split, a comma-separated list or a list. n: first n tasks per split (None = all).
     best_of: 1 = greedy; N > 1 = oracle Best-of-N at `temperature` (default 0.7).
     trajectories_path: also write every evaluated trajectory (all N samples) as JSONL.
@@ -128,9 +119,8 @@ def evaluate(model: str | EngineSpec, env_id: str, split: str | Sequence[str] = 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     report: dict[str, Any] = {"env_id": env_id, "model": str(getattr(model, "model", model)), "best_of": best_of,
                               "temperature": temperature, "seed": seed, "n": n, "splits": {}, "metrics": {}}
-    make = lambda: _group(model, env_id, splits[0], engine=engine, dtype=dtype, num_workers=num_workers,  # noqa: E731
-                          envs_per_worker=envs_per_worker, max_context=max_context, env_kwargs=env_kwargs,
-                          num_cpus=num_cpus, num_gpus=num_gpus, progress=progress)
+    make = lambda: (rollout or DEFAULT_ROLLOUT).make_group(model, env_id, env_kwargs=env_kwargs,  # noqa: E731
+                                                           split=splits[0], progress=progress)
     with _Session(group, make) as g:
         report["model"] = str(g.weights_path or g.engine.model)
         # Every split in one call: one batch per worker instead of one per split (a batched decode
@@ -159,18 +149,16 @@ def evaluate(model: str | EngineSpec, env_id: str, split: str | Sequence[str] = 
 
 def explore(model: str | EngineSpec, env_id: str, split: str = "train", n: int | None = None,
             out_path: str | Path | None = None, *, samples_per_task: int = 1, temperature: float = 1.0,
-            top_p: float = 1.0, max_new_tokens: int = 128, max_context: int = 2048, seed: int = 0,
-            num_workers: int = 1, envs_per_worker: int = 8, env_kwargs: dict | None = None, engine: str = "hf",
-            dtype: str = "float32", num_cpus: float = 1, num_gpus: float = 0, group: RolloutGroup | None = None,
-            progress: bool = True, verbose: bool = True) -> list[Trajectory]:
+            top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0, rollout: RolloutSection | None = None,
+            env_kwargs: dict | None = None, group: RolloutGroup | None = None, progress: bool = True,
+            verbose: bool = True) -> list[Trajectory]:
     """Sample `samples_per_task` trajectories for each of the first `n` tasks of `split`; write JSONL.
 
     Arguments as in `evaluate`; the trajectories keep token ids and sampling log-probs.
     """
     sampling = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    make = lambda: _group(model, env_id, split, engine=engine, dtype=dtype, num_workers=num_workers,  # noqa: E731
-                          envs_per_worker=envs_per_worker, max_context=max_context, env_kwargs=env_kwargs,
-                          num_cpus=num_cpus, num_gpus=num_gpus, progress=progress)
+    make = lambda: (rollout or DEFAULT_ROLLOUT).make_group(model, env_id, env_kwargs=env_kwargs,  # noqa: E731
+                                                           split=split, progress=progress)
     with _Session(group, make) as g:
         task_ids = g.list_tasks(split)[:n]
         trajs = g.run(make_tasks(task_ids, samples_per_task, seed, split=split), sampling, desc=f"explore {split}")

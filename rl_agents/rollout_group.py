@@ -1,7 +1,6 @@
 """RolloutGroup: N `RolloutWorker` Ray actors, fault tolerant, streaming results.
 
-    group = RolloutGroup(EngineSpec("hf", "smollm2-135m"), RolloutConfig("rl_agents/TextShop-v0"),
-                         num_workers=2)
+    group = RolloutSection(num_workers=2).make_group("smollm2-135m", "rl_agents/TextShop-v0")
     trajs = group.run(make_tasks(task_ids, samples_per_task=4, seed=0))   # tqdm progress bar
     group.update_weights("runs/x/checkpoint")    # every engine, and every worker restarted later
     gap = group.check_weight_sync(trainer_model)  # max |engine - trainer| log-prob; ~0 if in sync
@@ -24,16 +23,23 @@ recorded as an error trajectory (`metadata["error"]`) instead of looping. Nothin
 nothing is counted twice. Application errors inside a worker (bugs) are not retried: they are
 raised.
 
+`RolloutSection` (the `rollout:` section of every algorithm config) holds the workers' settings
+and makes every group of the library (`make_group`).
+
 Resources: `num_cpus`/`num_gpus` per worker; `placement_strategy` ('PACK', 'SPREAD',
 'STRICT_SPREAD', ...) reserves one bundle per worker in a placement group first (GPU clusters).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
+from rl_agents.config import ConfigError
 from rl_agents.engines import EngineSpec, SamplingParams, logprob_diff, sync_probe_prompts
 from rl_agents.ray_utils import init_ray
 from rl_agents.rollout import RolloutConfig, RolloutTask, RolloutWorker
@@ -245,3 +251,101 @@ def _died(task: RolloutTask, config: RolloutConfig, attempts: int, exc: BaseExce
                                 "sample_index": task.sample_index, "stop_reason": "error",
                                 "error": f"rollout worker died {attempts} times running this task: "
                                          f"{type(exc).__name__}"})
+
+
+@dataclass
+class RolloutSection:
+    """The rollout workers: how many, their resources, their engine and how they sample. Validated on
+    creation (`ConfigError` naming `rollout.<field>`); `make_group` starts them.
+
+        group = RolloutSection(num_workers=2, envs_per_worker=20).make_group("smollm2-135m", "rl_agents/TextShop-v0")
+    """
+
+    engine: Literal["hf", "vllm"] = "hf"
+    """Generation engine of the rollout workers: Hugging Face generate (CPU) or vLLM (GPU)."""
+    num_workers: int = 1
+    """Rollout actors."""
+    envs_per_worker: int = 16
+    """Episodes each actor advances together (one batched generate per turn)."""
+    num_cpus_per_worker: float = 1
+    """CPUs Ray reserves per rollout actor."""
+    threads_per_worker: int | None = None
+    """torch threads of each actor's HF engine (None = Ray's default, the reserved CPUs)."""
+    num_gpus_per_worker: float = 0
+    temperature: float = 1.0
+    """Exploration sampling temperature (evaluation is greedy)."""
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    """Tokens per agent turn."""
+    max_context: int = 2048
+    """Prompt + generation budget; longer episodes end cleanly ('context')."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the engine: vLLM's `LLM(...)` (gpu_memory_utilization,
+    tensor_parallel_size, max_model_len, enforce_eager, ...: checked by vLLM when the workers
+    start) or the HF engine's (prefix_cache_mb, max_batch_size, logprobs_mode: checked here).
+    model, dtype and device come from the fields above."""
+    sync_check: Literal["auto", "always", "never"] = "auto"
+    """After each weight update, compare the rollout engines' log-probs on probe prompts with the
+    new policy's, computed on the driver in fp32 (metric `sync/max_logprob_diff`: ~0 when the
+    weights arrived). 'auto': only for checkpoints under 2 GiB; a 7B/8B policy would need ~30 GiB
+    of driver memory and minutes of CPU forward per update."""
+    samples_per_task: int = 1
+    """Exploration samples per train task."""
+    explore_data: str | None = None
+    """JSONL of trajectories that stand in for the first iteration's exploration (e.g. another
+    run's `trajectories/explore_iter0.jsonl`), so that methods compared from one starting policy
+    see the same samples (DMPO vs ETO's first iteration); trajectories of tasks outside the train
+    tasks are ignored. None = sample with the current policy."""
+
+    def __post_init__(self):
+        _check(self.num_workers >= 1, "rollout.num_workers", "must be >= 1", self.num_workers)
+        _check(self.envs_per_worker >= 1, "rollout.envs_per_worker", "must be >= 1", self.envs_per_worker)
+        _check(self.num_cpus_per_worker > 0, "rollout.num_cpus_per_worker", "must be > 0", self.num_cpus_per_worker)
+        _check(self.threads_per_worker is None or self.threads_per_worker >= 1, "rollout.threads_per_worker",
+               "must be >= 1 or null", self.threads_per_worker)
+        _check(self.num_gpus_per_worker >= 0, "rollout.num_gpus_per_worker", "must be >= 0", self.num_gpus_per_worker)
+        _check(math.isfinite(self.temperature) and self.temperature >= 0, "rollout.temperature",
+               "must be a finite number >= 0", self.temperature)
+        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        _check(self.max_context > self.max_new_tokens, "rollout.max_context",
+               f"must be > rollout.max_new_tokens ({self.max_new_tokens})", self.max_context)
+        _check(self.samples_per_task >= 1, "rollout.samples_per_task", "must be >= 1", self.samples_per_task)
+        owned = {"model", "dtype", "device"} & set(self.engine_kwargs)
+        if owned:
+            raise ConfigError(f"rollout.engine_kwargs: {sorted(owned)} are set by rollout.dtype and the run "
+                              "(model = the current policy, device from num_gpus_per_worker)")
+        if self.engine == "hf":
+            import inspect
+
+            from rl_agents.engines.hf import HFEngine
+
+            known = set(inspect.signature(HFEngine.__init__).parameters) - {"self", "model", "dtype", "device"}
+            bad = sorted(set(self.engine_kwargs) - known)
+            if bad:
+                raise ConfigError(f"rollout.engine_kwargs: {bad} are not arguments of the hf engine; "
+                                  f"valid: {', '.join(sorted(known))}")
+
+    def engine_spec(self, policy: str | Path) -> EngineSpec:
+        """The workers' engine: `engine` on `policy`, with `engine_kwargs` on top of the threads."""
+        threads = {"num_threads": self.threads_per_worker} if self.threads_per_worker and self.engine == "hf" else {}
+        return EngineSpec(kind=self.engine, model=str(policy), dtype=self.dtype,
+                          device="cuda" if self.num_gpus_per_worker else "cpu", kwargs={**threads, **self.engine_kwargs})
+
+    def make_group(self, policy: str | Path | EngineSpec, env_id: str, *, env_kwargs: dict | None = None,
+                   split: str = "train", progress: bool = True) -> RolloutGroup:
+        """Start `num_workers` rollout workers running `policy` (a checkpoint dir or alias, or an
+        `EngineSpec`) on `env_id` (constructor arguments `env_kwargs`): every group of the library
+        (an algorithm's, evaluation's, the demo's, the benchmarks') is made here."""
+        spec = policy if isinstance(policy, EngineSpec) else self.engine_spec(policy)
+        config = RolloutConfig(env_id=env_id, split=split, env_kwargs=dict(env_kwargs or {}),
+                               num_envs=self.envs_per_worker, max_context=self.max_context,
+                               sampling=SamplingParams(temperature=0.0, max_new_tokens=self.max_new_tokens))
+        return RolloutGroup(spec, config, self.num_workers, num_cpus=self.num_cpus_per_worker,
+                            num_gpus=self.num_gpus_per_worker, progress=progress)
+
+
+def _check(ok: bool, key: str, msg: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}, got {value!r}")

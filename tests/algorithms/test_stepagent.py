@@ -81,7 +81,7 @@ def test_inspection_waves_reuse_each_prefix_and_keep_the_order():
 
     import ray
 
-    from algorithms.base import RolloutSection
+    from rl_agents.rollout_group import RolloutSection
     from algorithms.data import step_prefixes
     from algorithms.step_dpo import inspect_steps
     from rl_agents.engines.hf import HFEngine

@@ -9,6 +9,7 @@ import pytest
 
 from rl_agents.engines import EngineSpec
 from rl_agents.evaluation import best_of_n, evaluate, explore, summarize
+from rl_agents.rollout_group import RolloutSection
 from rl_agents.trajectory import Trajectory, Turn, read_jsonl
 from tests.rl_agents.test_rollout import ECHO
 
@@ -43,7 +44,7 @@ def test_evaluate_reports_per_split_and_writes_json(ray_session, smollm2_dir, tm
     win (n = 4 is truncated by the 4-turn budget): avg reward = success rate = 2/6."""
     out = tmp_path / "eval" / "report.json"
     report = evaluate(EngineSpec("scripted", str(smollm2_dir)), ECHO, "test_seen,test_unseen", n=6,
-                      num_workers=1, envs_per_worker=4, out_path=out, progress=False)
+                      rollout=RolloutSection(num_workers=1, envs_per_worker=4), out_path=out, progress=False)
     for split in ("test_seen", "test_unseen"):
         m = report["splits"][split]
         assert m["num_tasks"] == 6 and m["num_errors"] == 0
@@ -61,12 +62,10 @@ def test_best_of_n_and_explore_share_a_group(ray_session, tmp_path):
     """Best-of-3 samples 3 distinct trajectories per task (per-sample seeds) and keeps one per
     task; explore on the same running group writes token-exact JSONL."""
     from rl_agents.models import tiny_llama_dir
-    from rl_agents.rollout import RolloutConfig
-    from rl_agents.rollout_group import RolloutGroup
 
     model = str(tiny_llama_dir(tie_word_embeddings=False, initializer_range=0.1))
-    cfg = RolloutConfig(ECHO, split="test_seen", num_envs=4)
-    with RolloutGroup(EngineSpec("hf", model), cfg, num_workers=2, progress=False) as group:
+    rollout = RolloutSection(num_workers=2, envs_per_worker=4)
+    with rollout.make_group(model, ECHO, split="test_seen", progress=False) as group:
         report = evaluate(model, ECHO, "test_seen", n=4, best_of=3, max_new_tokens=6, group=group,
                           trajectories_path=tmp_path / "all.jsonl", verbose=False)
         trajs = explore(model, ECHO, "train", n=3, out_path=tmp_path / "explore.jsonl", samples_per_task=2,
