@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(PY) -m rl_agents.cli demo
+	$(PY) -m algorithms.cli demo
 
 test: install
 	$(PY) -m pytest tests

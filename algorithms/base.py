@@ -1,7 +1,8 @@
 """Algorithm API in the style RLlib users know, without RLlib's runtime.
 
-    algo = DMPOConfig(beta=0.1, gamma=0.7, env=EnvSection("rl_agents/TextShop-v0")).build()
-    metrics = algo.train()          # one iteration: explore -> build data -> Ray Train update
+    algo = DMPOConfig(loss=DMPOObjective(beta=0.1, gamma=0.7), env=EnvSection("rl_agents/TextShop-v0")).build()
+    rows = algo.fit()               # the driver loop: iterations, evaluations; one row per evaluation
+    metrics = algo.train()          # or one iteration: explore -> build data -> Ray Train update
     report = algo.evaluate()        # greedy, per eval split
     path = algo.save(); algo = DMPO.restore(path)
 

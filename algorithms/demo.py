@@ -22,7 +22,7 @@ optimiser settings.
 
 Preference settings: LoRA lr 5e-5 and beta 0.5. With lr 2e-4 and beta 0.1 (ETO's beta, with an
 lr scaled for LoRA) ETO collapsed: 23 of 60 lose trajectories ended with the same `click[Buy Now]` turn
-as their expert, DPO pushed that shared turn down and the agent stopped buying (README).
+as their expert, DPO pushed that shared turn down and the agent stopped buying (docs/benchmarks.md, "The demo").
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main(args) -> int:
 def _run(args) -> int:
     from algorithms.preference import DMPOConfig, ETOConfig
     from algorithms.imitation import SFTConfig
-    from algorithms.runner import results_table, write_results
+    from algorithms.results import results_table, write_results
     from envs.checker import check_text_env
     from rl_agents.models import resolve_model
     from rl_agents.trajectory import atomic_write_text

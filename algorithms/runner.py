@@ -3,7 +3,8 @@
 The YAML names the algorithm (`algo: dmpo`) and overrides its config's defaults; unknown keys
 and bad values fail before any work starts, naming the dotted key. A run directory holds the
 resolved config, metrics JSONL (plus each update's TensorBoard events under `train/`),
-checkpoints, trajectories, `results.md` (a table per split, with 95% intervals) and `results.png`.
+checkpoints, trajectories, `results.md` (a table per split, with 95% intervals) and `results.png`
+(`algorithms.results`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import algorithms.ppo  # noqa: F401  (registers ppo)
 import algorithms.step_dpo  # noqa: F401  (registers step_dpo)
 import algorithms.step_gail  # noqa: F401  (registers step_gail)
 from algorithms.base import ALGORITHMS, Algorithm, AlgorithmConfig
-from rl_agents.config import ConfigError, apply_overrides, from_dict, read_yaml_mapping, to_dict
-from rl_agents.stats import mean_ci, paired, per_task_values
+from algorithms.results import write_results
+from rl_agents.config import ConfigError, from_dict, load_mapping, read_yaml_mapping, to_dict
 from rl_agents.trajectory import atomic_write_text
 
 
 def load_algorithm_config(path: str | Path | None, overrides: list[str] | None = None) -> AlgorithmConfig:
-    data = read_yaml_mapping(path) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
+    """An algorithm's YAML (`algo:` names it) + dotted overrides -> its validated config."""
+    data = load_mapping(path, overrides)
     algo = data.pop("algo", None)
     if algo not in ALGORITHMS:
         raise ConfigError(f"algo: must be one of {sorted(ALGORITHMS)}, got {algo!r}")
@@ -177,101 +178,6 @@ def run(cfg: AlgorithmConfig, *, evaluate_base: bool = True, label: str | None =
         algo.stop()
     write_results(run_dir, rows)
     return rows
-
-
-def write_results(run_dir: Path, rows: list[dict[str, Any]], title: str = "Results", baseline: str | None = None,
-                  note: str = "") -> None:
-    """`results.json` (the rows, per-task results included), `results.md` (`results_table`) and
-    `results.png` (`results_chart`), each written atomically."""
-    if not rows:
-        return
-    atomic_write_text(run_dir / "results.json", json.dumps(rows, indent=2))
-    atomic_write_text(run_dir / "results.md", f"# {title}\n\n" + results_table(rows, baseline) + note)
-    results_chart(rows, run_dir / "results.png", title)
-
-
-def _splits(rows) -> list[str]:
-    return sorted({k.split("/")[1] for r in rows for k in r if k.startswith("eval/") and k.endswith("/avg_reward")})
-
-
-def _per_task(row: dict[str, Any], split: str, which: str) -> dict[str, float] | None:
-    per_task = row.get(f"eval/{split}/per_task")
-    return per_task_values(per_task, which) if per_task else None
-
-
-def _cell(row: dict[str, Any], split: str, which: str) -> str:
-    """Mean and 95% bootstrap interval over the tasks (the bare mean for rows without per-task results)."""
-    values = _per_task(row, split, which)
-    scale, fmt, unit = (1, ".3f", "") if which == "reward" else (100, ".1f", "%")
-    if values:
-        return mean_ci([values]).format(scale, fmt, unit)
-    mean = row.get(f"eval/{split}/{'avg_reward' if which == 'reward' else 'success_rate'}")
-    return "-" if mean is None else f"{mean * scale:{fmt}}{unit}"
-
-
-def results_table(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
-    """A table like the papers', with how sure it is: per stage and split, average reward and success
-    rate with 95% bootstrap intervals over the tasks, and each stage against `baseline` (a stage name;
-    default the first row) on the same tasks: won / lost / tied on the task's reward, sign-test p
-    (`rl_agents.stats`)."""
-    splits = _splits(rows)
-    base = next((r for r in rows if r["stage"] == baseline), rows[0]) if rows else None
-    head = "| stage | " + " | ".join(f"{s}: avg reward | {s}: success | {s}: vs {base['stage']} (W/L/T, p)"
-                                     for s in splits) + " |"
-    lines = [head, "|---|" + "---|---|---|" * len(splits)]
-    for r in rows:
-        cells = []
-        for s in splits:
-            mine, theirs = _per_task(r, s, "reward"), _per_task(base, s, "reward")
-            result = None if r is base or not mine or not theirs else paired(mine, theirs)
-            versus = "-" if result is None else result.format()
-            cells += [_cell(r, s, "reward"), _cell(r, s, "success"), versus]
-        lines.append(f"| {r['stage']} | " + " | ".join(cells) + " |")
-    counts = {r["stage"]: "/".join(str(len(_per_task(r, s, "reward") or {})) for s in splits) for r in rows}
-    sizes = (f"{next(iter(counts.values()))} tasks ({'/'.join(splits)})" if len(set(counts.values())) == 1
-             else "tasks (" + "/".join(splits) + "): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    lines.append("")
-    lines.append(f"95% intervals: percentile bootstrap over the tasks, {sizes}; W/L/T: tasks whose reward is higher / "
-                 "lower / equal than the baseline's, p: two-sided sign test.")
-    return "\n".join(lines) + "\n"
-
-
-def results_chart(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Bars per stage (the stages are categories), one per split, with their 95% intervals as error
-    bars: average reward and success rate side by side (PNG, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    splits = _splits(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) + 4), 4))
-    width = 0.8 / max(len(splits), 1)
-    for ax, which, name in ((axes[0], "reward", "average reward"), (axes[1], "success", "success rate")):
-        for k, s in enumerate(splits):
-            means, low, high = [], [], []
-            for r in rows:
-                values = _per_task(r, s, which)
-                if values:
-                    ci = mean_ci([values])
-                    means.append(ci.mean), low.append(max(ci.mean - ci.low, 0)), high.append(max(ci.high - ci.mean, 0))
-                else:
-                    means.append(r.get(f"eval/{s}/{'avg_reward' if which == 'reward' else 'success_rate'}", float("nan")))
-                    low.append(0.0), high.append(0.0)
-            x = [i + (k - (len(splits) - 1) / 2) * width for i in range(len(rows))]
-            ax.bar(x, means, width, yerr=[low, high], capsize=3, label=s)
-        ax.set_xticks(range(len(rows)), [r["stage"] for r in rows], rotation=20, ha="right")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"{name} (95% interval)")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

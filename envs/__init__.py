@@ -1,4 +1,4 @@
-"""Gymnasium text environments with language action spaces (DESIGN §4).
+"""Gymnasium text environments with language action spaces (docs/design.md §2).
 
 Importing this package registers the built-in envs with Gymnasium:
 

@@ -1,4 +1,4 @@
-"""The text-environment contract every env of rl_agents follows (DESIGN §4).
+"""The text-environment contract every env of rl_agents follows (docs/design.md §2).
 
 A `TextEnv` is a `gymnasium.Env[str, str]` with a language action space:
 
@@ -213,3 +213,32 @@ class TextEnv(gym.Env[str, str]):
         if self.render_mode == "human":
             print(self._last_obs)
         return None
+
+
+@dataclass
+class ReplayStep:
+    """One step of `replay_expert`: the expert's step (None for the reset) and what the env returned."""
+
+    expert: ExpertStep | None
+    observation: str
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, Any]
+
+
+def replay_expert(env: gym.Env, task_id: str):
+    """Play the expert of `task_id` in `env` (a `TextEnv`, wrapped or not): first the reset, then one
+    `ReplayStep` per expert action until the episode ends or the actions run out. A demonstration is
+    not cut by the agent's turn budget (some ScienceWorld gold paths and ALFWorld expert plans are
+    longer than ETO's budgets): the reset's budget fits the expert. Its observations and rewards are
+    the env's own, so an expert trajectory's final reward is measured, not assumed."""
+    base = env.unwrapped
+    steps = base.expert_steps(task_id)
+    obs, info = env.reset(options={"task_id": task_id, "max_turns": max(len(steps), base.max_turns_for(task_id))})
+    yield ReplayStep(None, obs, 0.0, False, False, info)
+    for step in steps:
+        obs, reward, terminated, truncated, info = env.step(step.action)
+        yield ReplayStep(step, obs, float(reward), terminated, truncated, info)
+        if terminated or truncated:
+            return

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 from gymnasium.utils.env_checker import check_env
 
-from envs.base import TextEnv
+from envs.base import TextEnv, replay_expert
 
 _WORDS = ["search", "click", "go to", "open", "take", "put", "look", "use", "buy now", "next >", "< prev",
           "inventory", "examine", "focus on", "pick up", "move", "heat", "cool", "clean", "teleport to"]
@@ -93,16 +93,12 @@ def _rollout(env: TextEnv, seed: int, task_id: str | None, actions: list[str]) -
     return out
 
 
-def replay_expert(env: TextEnv, task_id: str) -> float:
-    """Final reward of the env's expert on `task_id`."""
-    steps = env.expert_steps(task_id)
-    env.reset(options={"task_id": task_id, "max_turns": max(len(steps), env.max_turns_for(task_id))})
+def expert_reward(env: TextEnv, task_id: str) -> float:
+    """Final reward of the env's expert on `task_id` (`envs.base.replay_expert`)."""
     total = 0.0
-    for step in steps:
-        _, r, term, trunc, info = env.step(step.action)
-        total = info["reward_total"]
-        if term or trunc:
-            break
+    for step in replay_expert(env, task_id):
+        if step.expert is not None:
+            total = step.info["reward_total"]
     return total
 
 
@@ -163,7 +159,7 @@ def check_text_env(env_id: str, *, n_actions: int = 10_000, n_experts: int = 5, 
 
         if has_expert:
             for t in rng.sample(train, min(n_experts, len(train))):
-                report.expert_rewards[t] = replay_expert(env_a, t)
+                report.expert_rewards[t] = expert_reward(env_a, t)
     finally:
         env_a.close()
         env_b.close()

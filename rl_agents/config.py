@@ -4,7 +4,10 @@ Configs are (nested) dataclasses validated in `__post_init__`. `from_dict` build
 plain mapping, checking every key and value *before any work starts*: an unknown key or a
 value of the wrong type raises `ConfigError` naming the dotted key (e.g. `train.optim.lr`).
 
-    cfg = load_config(DMPOConfig, "examples/dmpo_textshop.yaml", ["loss.beta=0.5"])
+    cfg = load_config(TrainConfig, "train.yaml", ["optim.lr=1e-6", "lora.enabled=true"])
+
+(`algorithms.runner.load_algorithm_config` reads an algorithm's YAML, whose `algo:` key picks the
+config class, through the same `load_mapping`.)
 """
 
 from __future__ import annotations
@@ -173,7 +176,13 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def load_mapping(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML file's mapping (optional) with dotted `key=value` overrides applied: every config file
+    is read here."""
+    data = read_yaml_mapping(path) if path is not None else {}
+    return apply_overrides(data, overrides or [])
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """YAML file (optional) + overrides -> validated `cls`."""
-    data = read_yaml_mapping(path) if path is not None else {}
-    return from_dict(cls, apply_overrides(data, overrides or []))
+    return from_dict(cls, load_mapping(path, overrides))

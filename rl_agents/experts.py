@@ -11,33 +11,32 @@ from collections.abc import Iterator
 
 import gymnasium as gym
 
+from envs.base import replay_expert
 from rl_agents.prompting import format_react, initial_messages
 from rl_agents.trajectory import Trajectory, Turn
 
 
 def expert_trajectory(env: gym.Env, env_id: str, task_id: str, *, keep_final_observation: bool = True) -> Trajectory:
-    """Replay the expert of `task_id` in `env` and record system, instruction, actions, observations."""
-    base = env.unwrapped
-    steps = base.expert_steps(task_id)
-    # A demonstration is not cut by the agent's turn budget (some ScienceWorld gold paths and
-    # ALFWorld expert plans are longer than ETO's budgets).
-    budget = max(len(steps), base.max_turns_for(task_id))
-    obs, info = env.reset(options={"task_id": task_id, "max_turns": budget})
-    turns = [Turn(role=m["role"], text=m["content"]) for m in initial_messages(env, obs)]
+    """Replay the expert of `task_id` in `env` (`envs.base.replay_expert`) and record system,
+    instruction, actions, observations."""
+    turns: list[Turn] = []
     info_total, won, stop = 0.0, False, "expert_exhausted"
-    for step in steps:
-        obs, reward, terminated, truncated, info = env.step(step.action)
-        turns.append(Turn(role="assistant", text=format_react(step.thought, step.action), reward=reward))
-        info_total, won = info["reward_total"], bool(info["won"])
-        if terminated or truncated:
-            stop = "terminated" if terminated else "truncated"
+    for step in replay_expert(env, task_id):
+        if step.expert is None:  # the reset
+            turns = [Turn(role=m["role"], text=m["content"]) for m in initial_messages(env, step.observation)]
+            continue
+        turns.append(Turn(role="assistant", text=format_react(step.expert.thought, step.expert.action),
+                          reward=step.reward))
+        info_total, won = step.info["reward_total"], bool(step.info["won"])
+        if step.terminated or step.truncated:
+            stop = "terminated" if step.terminated else "truncated"
             if keep_final_observation:
-                turns.append(Turn(role="user", text=obs))
+                turns.append(Turn(role="user", text=step.observation))
             break
-        turns.append(Turn(role="user", text=obs))
+        turns.append(Turn(role="user", text=step.observation))
     return Trajectory(task_id=task_id, env_id=env_id, turns=turns, reward=float(info_total), success=won,
                       id=f"{env_id}/{task_id}/expert",
-                      metadata={"source": "expert", "split": getattr(base, "split", None), "stop_reason": stop})
+                      metadata={"source": "expert", "split": getattr(env.unwrapped, "split", None), "stop_reason": stop})
 
 
 def iter_expert_trajectories(env_id: str, split: str, limit: int | None = None, *, env_kwargs: dict | None = None,

@@ -7,7 +7,7 @@ Nothing here downloads from the Hugging Face hub: every `from_pretrained` is `lo
   `$RL_AGENTS_CACHE/models/SmolLM2-135M-Instruct` (default cache `~/.cache/rl_agents`). The
   GGUF loader dequantises to a `LlamaForCausalLM` flagged as quantised, which `save_pretrained`
   refuses, so we rebuild the model from its config without `quantization_config` and load the
-  state dict (DESIGN §9). Weights stay float32: the exact dequantised values.
+  state dict (docs/design.md §5). Weights stay float32: the exact dequantised values.
 * `tiny_llama_dir()` is a seeded random Llama with SmolLM2's real tokenizer and chat template.
 
 Deliberate deviation from upstream SmolLM2: its pad token is `<|im_end|>`, the end-of-turn

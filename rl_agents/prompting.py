@@ -1,6 +1,6 @@
 """ReAct prompting: the messages an agent sees and how its output becomes an env action.
 
-The agent writes `Thought: ...\nAction: ...`; the env receives only the action (DESIGN §4).
+The agent writes `Thought: ...\nAction: ...`; the env receives only the action (docs/design.md §2).
 The whole model output (thought + action) is the agent turn that training sees.
 """
 

@@ -8,7 +8,7 @@
 3. parses each output's action (`prompting.parse_action`), steps the envs, and extends each
    context with exactly the ids the policy will see next.
 
-Token layout of a recorded `Trajectory` (DESIGN §5; `ChatSegmenter` owns the chat template):
+Token layout of a recorded `Trajectory` (docs/design.md §3; `ChatSegmenter` owns the chat template):
 
     system+user turns : prompt_ids(initial messages), one span per message (prompt_turn_ids)
     agent turn t      : the ids the engine generated, stop token included, + their log-probs

@@ -1,4 +1,4 @@
-"""Incremental, exact chat-template encoding of trajectories (DESIGN §5).
+"""Incremental, exact chat-template encoding of trajectories (docs/design.md §3).
 
 The policy's context is built incrementally, never by re-rendering and re-tokenising the whole
 chat: `prompt_ids` once, then per turn the ids the engine generated, then the ids of the next

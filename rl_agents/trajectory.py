@@ -1,4 +1,4 @@
-"""Trajectories: the record of one episode, token-exact when a rollout produced it (DESIGN §5).
+"""Trajectories: the record of one episode, token-exact when a rollout produced it (docs/design.md §3).
 
 A `Trajectory` is a list of chat `Turn`s (`system`, `user`, `assistant`). `user` turns are the
 instruction and the environment's observations; `assistant` turns are the agent's whole output

@@ -1,47 +1,23 @@
-"""benchmarks/learning.py's bookkeeping (benchmarks/learning_report.py): committed records, weight
-digests, which stored results count.
+"""benchmarks/learning.py's bookkeeping: which runs it skips, what --report reads, the table it makes.
 
-The benchmark itself runs for hours and is measured, not tested; these check, on hand-made result
-files, that a table is made from `--out` and the records together, that a result made from another
-SFT policy is left out, and that a result made from identical SFT weights is kept.
+The benchmark itself runs for hours and is measured, not tested; these work on hand-made result files.
 """
 
-import importlib.util
 import json
-import math
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from safetensors.torch import save_file
+
+from benchmarks import learning
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def learning():
-    spec = importlib.util.spec_from_file_location("learning_benchmark", REPO / "benchmarks" / "learning.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-def _policy(path: Path, value: float) -> Path:
-    import torch
-
-    path.mkdir(parents=True)
-    save_file({"w": torch.full((4, 4), value)}, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
-
-
-def _result(algo: str, seen: float, unseen: float, run_id: str, sft_run_id: str | None, **extra) -> dict:
+def _result(algo: str, seen: float, unseen: float, **extra) -> dict:
+    """A finished result with rates only (as records made before 2026-12-02): 0/1 outcomes of 2 tasks."""
     return {"metrics": {"eval/test_seen/avg_reward": seen, "eval/test_seen/success_rate": seen,
                         "eval/test_unseen/avg_reward": unseen, "eval/test_unseen/success_rate": unseen},
-            "num_tasks": {"test_seen": 2, "test_unseen": 2}, "algo": algo, "wall_s": 60.0, "run_id": run_id,
-            "sft_run_id": sft_run_id, **extra}
+            "num_tasks": {"test_seen": 2, "test_unseen": 2}, "algo": algo, "wall_s": 60.0, **extra}
 
 
 def _write(path: Path, data: dict) -> None:
@@ -49,127 +25,131 @@ def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_weights_digest_follows_the_bytes(learning, tmp_path):
-    a, b, c = _policy(tmp_path / "a", 1.0), _policy(tmp_path / "b", 1.0), _policy(tmp_path / "c", 1.0 + 2 ** -10)
-    assert learning.weights_sha256(a) == learning.weights_sha256(b)
-    assert learning.weights_sha256(a) != learning.weights_sha256(c)
-    assert learning.weights_sha256(tmp_path) is None  # no weights there
-
-
-def test_report_merges_out_and_records_and_drops_other_sft_runs(learning, tmp_path):
-    out, rec, md = tmp_path / "out", tmp_path / "records", tmp_path / "results.md"
-    policy = _policy(tmp_path / "sft0_policy", 0.5)
-    # seed 0: finished in --out (made before digests were recorded)
-    _write(out / "textshop/seed0/sft/result.json", _result("sft", 0.4, 0.2, "sft0", None, policy=str(policy)))
-    _write(out / "textshop/seed0/dpo/result.json", _result("dpo", 0.6, 0.4, "dpo0", "sft0"))
-    # seed 1: only in the records (another machine); RFT from identical SFT weights under another run id,
-    # DPO from different ones
-    _write(rec / "textshop/seed1/sft.json", _result("sft", 0.6, 0.4, "sft1", None, policy_sha256="d1"))
-    _write(rec / "textshop/seed1/rft.json", _result("rft", 0.9, 0.7, "rft1", "sft1-earlier", sft_policy_sha256="d1"))
-    _write(rec / "textshop/seed1/dpo.json", _result("dpo", 1.0, 1.0, "dpo1", "sft1-earlier", sft_policy_sha256="d0"))
-
-    rc = learning.main(["--report", "--envs", "textshop", "--seeds", "0,1", "--out", str(out),
-                        "--records", str(rec), "--results", str(md)])
-    assert rc == 0
-    rows = {}  # the results table's rows (the settings table below it has rows of the same names)
+def _rows(md: Path) -> dict[str, list[str]]:
+    """The results table's rows by label (the settings table below it has rows of the same names)."""
+    rows = {}
     for line in md.read_text().splitlines():
         if line.startswith("| ") and " | " in line:
-            rows.setdefault(line.split(" | ")[0].lstrip("| "), line.split(" | "))
-    # SFT: 0.4 (out) and 0.6 (records): mean 0.5, sample std 0.1 * sqrt(2)
-    assert rows["SFT"][1] == f"0.500 ± {0.1 * math.sqrt(2):.3f}" and rows["SFT"][7] == "2/2"
-    assert rows["RFT"][1:3] == ["0.900", "90.0"] and rows["RFT"][7] == "1/2"
-    assert rows["DPO (fixed pairs)"][1] == "0.600" and rows["DPO (fixed pairs)"][7] == "1/2"  # seed 1's left out
-    assert "DPO (fixed pairs), seed 1: not run" in md.read_text()
-    # what --out had is now in the records, with the SFT weights' digest carried to the run made from it
-    sft0 = json.loads((rec / "textshop/seed0/sft.json").read_text())
-    assert sft0["policy_sha256"] == learning.weights_sha256(policy)
-    assert json.loads((rec / "textshop/seed0/dpo.json").read_text())["sft_policy_sha256"] == sft0["policy_sha256"]
-    assert json.loads((out / "textshop/seed0/sft/result.json").read_text())["policy_sha256"] == sft0["policy_sha256"]
-    assert json.loads((rec / "textshop/settings.json").read_text()) == json.loads((out / "textshop/settings.json").read_text())
+            rows.setdefault(line.split(" | ")[0].lstrip("| "), [c.strip() for c in line.strip("| ").split(" | ")])
+    return rows
 
 
-def test_a_run_made_from_identical_sft_weights_is_not_redone(learning, tmp_path, monkeypatch):
-    rec = tmp_path / "records"
-    monkeypatch.setattr(learning.learning_report, "RECORDS", rec)
-    ran = []
-    monkeypatch.setattr(learning, "run_algorithm", lambda hp, *a, **k: ran.append(hp["algo"]) or {"error": "stub"})
-    env = {"name": "textshop"}
-    args = SimpleNamespace(report=False, earlier_sft=False, smoke=False, threads=2)
-    _write(rec / "textshop/seed0/step_dpo.json", _result("step_dpo", 0.7, 0.5, "s0", "sft-lost", sft_policy_sha256="d"))
-    redone_sft = {"run_id": "sft-new", "policy_sha256": "d", "policy": str(tmp_path)}
-    kept = learning.ensure("step_dpo", env, 0, tmp_path / "out/textshop/seed0", redone_sft, args, {})
-    assert kept["run_id"] == "s0" and ran == []
-    other_sft = {"run_id": "sft-other", "policy_sha256": "e", "policy": str(tmp_path)}
-    result = learning.ensure("step_dpo", env, 0, tmp_path / "out/textshop/seed0", other_sft, args, {})
-    assert ran == ["step_dpo"] and result["error"] == "stub"
-    # a failed run is not recorded: the record made from the first weights stays
-    assert json.loads((rec / "textshop/seed0/step_dpo.json").read_text())["run_id"] == "s0"
-
-
-def test_runs_from_an_earlier_sft_run_are_reported_marked_only_with_earlier_sft(learning, tmp_path):
+def test_report_reads_out_first_then_the_records_and_writes_nothing_else(tmp_path):
+    """Seed 0's SFT is in --out (0.5) and, older, in the records (0.0): --out wins. Seed 1's is only in the
+    records (1.0). SFT test_seen: mean of 0.5 and 1.0 = 0.75. RFT: seed 0 failed in --out (not counted),
+    seed 1 in the records at 0.5. Fields an old record carries (digests, run ids) are ignored."""
     out, rec, md = tmp_path / "out", tmp_path / "records", tmp_path / "results.md"
-    # seed 0's SFT was redone ("sft0-redo"); DPO and the exploration were made from the lost one, RFT is
-    # in the records from the lost one and in --out from the redone one
-    _write(rec / "textshop/seed0/sft.json", _result("sft", 0.2, 0.1, "sft0-redo", None, policy_sha256="d2"))
-    _write(rec / "textshop/seed0/dpo.json", _result("dpo", 0.8, 0.6, "dpo0", "sft0-lost", source="transcribed"))
-    _write(rec / "textshop/seed0/rft.json", _result("rft", 0.9, 0.9, "rft0-old", "sft0-lost"))
-    _write(out / "textshop/seed0/rft/result.json", _result("rft", 0.3, 0.3, "rft0-new", "sft0-redo"))
-    _write(rec / "textshop/seed0/explore.json", {"sft_run_id": "sft0-lost", "seconds": 120.0, "num_tasks": 4,
-                                                "success_rate": 0.25, "avg_reward": 0.25})
-    argv = ["--report", "--envs", "textshop", "--seeds", "0", "--algos", "sft,rft,dpo", "--out", str(out),
-            "--records", str(rec), "--results", str(md)]
-
-    def rows():
-        found = {}
-        for line in md.read_text().splitlines():
-            if line.startswith("| ") and " | " in line:
-                found.setdefault(line.split(" | ")[0].lstrip("| "), line.split(" | "))
-        return found
-
-    assert learning.main(argv) == 0
-    assert rows()["DPO (fixed pairs)"][1] == "—" and "DPO (fixed pairs), seed 0: not run" in md.read_text()
-    assert "SFT agent's shared exploration" not in md.read_text()
-    assert learning.main(argv + ["--earlier-sft"]) == 0
-    text = md.read_text()
-    assert rows()["DPO (fixed pairs)"][1:3] == ["0.800", "80.0"] and rows()["DPO (fixed pairs)"][7] == "1/1"
-    assert rows()["RFT"][1] == "0.300"  # the run from the current SFT, not the earlier one
-    assert ("DPO (fixed pairs), seed 0: made from an earlier SFT run of seed 0 (`sft0-lost`), not from the one in "
-            "the SFT row") in text and "RFT, DPO (fixed pairs), seed 0: made from" not in text
-    assert "DPO (fixed pairs) seed 0: transcribed" in text
-    assert "success 25.0%" in text and "seed 0's by its earlier SFT run `sft0-lost`" in text
-    # nothing from the earlier SFT run is written back into the records as current
-    assert json.loads((rec / "textshop/seed0/rft.json").read_text())["run_id"] == "rft0-new"
-    assert "earlier_sft" not in json.loads((rec / "textshop/seed0/dpo.json").read_text())
-    assert "earlier_sft" not in json.loads((rec / "textshop/seed0/explore.json").read_text())
+    _write(out / "textshop/seed0/sft/result.json", _result("sft", 0.5, 0.5))
+    _write(rec / "textshop/seed0/sft.json", _result("sft", 0.0, 0.0))
+    _write(rec / "textshop/seed1/sft.json", _result("sft", 1.0, 0.5, policy_sha256="d", sft_run_id=None))
+    _write(out / "textshop/seed0/rft/result.json", {"error": "RuntimeError: boom"})
+    _write(rec / "textshop/seed1/rft.json", _result("rft", 0.5, 0.0, sft_run_id="x", earlier_sft="y"))
+    files = sorted(tmp_path.rglob("*"))
+    assert learning.main(["--report", "--envs", "textshop", "--seeds", "0,1", "--algos", "sft,rft,dpo",
+                          "--out", str(out), "--records", str(rec), "--results", str(md),
+                          "--chart", str(tmp_path / "chart.png")]) == 0
+    rows, text = _rows(md), md.read_text()
+    assert rows["SFT"][1].startswith("0.750 [") and rows["SFT"][-2:] == ["2/2", "1.0 ± 0.0"]
+    assert rows["RFT"][1].startswith("0.500 [") and rows["RFT"][-2] == "1/2"
+    assert rows["DPO (fixed pairs)"][1:4] == ["-", "-", "-"] and rows["DPO (fixed pairs)"][-2] == "0/2"
+    assert "- RFT, seed 0: not run" in text and "- DPO (fixed pairs), seed 1: not run" in text
+    assert sorted(tmp_path.rglob("*")) == sorted(files + [md, tmp_path / "chart.png"])  # no settings, no copies
 
 
-def test_table_intervals_and_paired_counts_from_per_task_records(learning, tmp_path):
+def test_a_run_is_skipped_when_out_or_the_records_have_it_and_sft_reruns_when_its_weights_are_needed(
+        tmp_path, monkeypatch):
+    ran = []
+
+    def fake_run(algo, env, seed, seed_dir, sft, args):
+        ran.append(algo)
+        return {"algo": algo, "policy": str(seed_dir / algo), "from_sft": sft and sft["policy"]}
+
+    monkeypatch.setattr(learning, "run", fake_run)
+    out, rec = tmp_path / "out", tmp_path / "records"
+    args = learning.parse_args(["--envs", "textshop", "--algos", "rft,dpo,eto", "--out", str(out),
+                                "--records", str(rec)])
+    env = learning.env_settings("textshop", args)
+    # --out has SFT (its weights) and DPO, the records RFT, --out a crashed ETO: only ETO runs, from --out's SFT
+    _write(out / "textshop/seed0/sft/result.json", _result("sft", 0.5, 0.5, policy="out-sft"))
+    _write(out / "textshop/seed0/dpo/result.json", _result("dpo", 0.5, 0.5))
+    _write(rec / "textshop/seed0/rft.json", _result("rft", 0.5, 0.5))
+    _write(out / "textshop/seed0/eto/result.json", {"error": "RuntimeError: boom"})
+    results = learning.seed_results(env, 0, args)
+    assert ran == ["eto"] and results["eto"]["from_sft"] == "out-sft" and results["rft"]["algo"] == "rft"
+    # seed 1: SFT and RFT only in the records (another machine): SFT runs again, since ETO and DPO need its weights
+    ran.clear()
+    _write(rec / "textshop/seed1/sft.json", _result("sft", 0.5, 0.5, policy="lost"))
+    _write(rec / "textshop/seed1/rft.json", _result("rft", 0.5, 0.5))
+    results = learning.seed_results(env, 1, args)
+    assert ran == ["sft", "dpo", "eto"] and results["eto"]["from_sft"] == str(out / "textshop/seed1/sft")
+    # ... but not when everything else is done too
+    ran.clear()
+    for algo in ("dpo", "eto"):
+        _write(rec / f"textshop/seed2/{algo}.json", _result(algo, 0.5, 0.5))
+    _write(rec / "textshop/seed2/sft.json", _result("sft", 0.5, 0.5))
+    _write(rec / "textshop/seed2/rft.json", _result("rft", 0.5, 0.5))
+    learning.seed_results(env, 2, args)
+    assert ran == []
+    # --report runs nothing
+    args.report = True
+    assert learning.seed_results(env, 3, args) == {a: None for a in args.algos} and ran == []
+
+
+def test_table_cells_from_per_task_records_over_two_seeds(tmp_path):
     """Two seeds on the same 4 tasks, per-task [reward, success] recorded. ETO vs SFT on test_seen, each
-    task by its mean over the seeds: a +0.75 (won), b (+0.5 and -0.5) 0, c and d 0: 1/0/3, p = 1. A
-    record with only rates (0/1 outcomes, 1 of 4) is rebuilt as [1, 0, 0, 0] for its interval."""
+    task by its mean over the seeds: a +0.75 (won), b (+0.5 and -0.5) 0, c and d 0: 1/0/3, p = 1. ETO's
+    test_seen reward: (3.2 + 1.7) / 8; success: 3 of 4 tasks on seed 0, 1 of 4 on seed 1: 50%.
+    test_unseen has only rates, 0.25 / 0.5 of 4 tasks: rebuilt as 0/1 outcomes, no paired count."""
     rec, md = tmp_path / "records", tmp_path / "results.md"
 
     def result(algo, seen: dict, unseen_rate: float):
-        r = _result(algo, sum(v for v in seen.values()) / 4, unseen_rate, f"{algo}-run", None if algo == "sft" else "s")
+        r = _result(algo, sum(seen.values()) / 4, unseen_rate)
         r["num_tasks"] = {"test_seen": 4, "test_unseen": 4}
         r["per_task"] = {"test_seen": {t: [v, int(v == 1.0)] for t, v in seen.items()}}
         return r
 
     base = {"a": 0.0, "b": 0.5, "c": 1.0, "d": 0.2}
-    _write(rec / "textshop/seed0/sft.json", {**result("sft", base, 0.25), "run_id": "s"})
-    _write(rec / "textshop/seed1/sft.json", {**result("sft", base, 0.25), "run_id": "s"})
+    for seed in (0, 1):
+        _write(rec / f"textshop/seed{seed}/sft.json", result("sft", base, 0.25))
     _write(rec / "textshop/seed0/eto.json", result("eto", {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.2}, 0.5))
     _write(rec / "textshop/seed1/eto.json", result("eto", {"a": 0.5, "b": 0.0, "c": 1.0, "d": 0.2}, 0.5))
-    argv = ["--report", "--envs", "textshop", "--seeds", "0,1", "--algos", "sft,eto", "--out", str(tmp_path / "out"),
-            "--records", str(rec), "--results", str(md)]
-    assert learning.main(argv) == 0
-    rows = {}
-    for line in md.read_text().splitlines():
-        if line.startswith("| ") and " | " in line:
-            rows.setdefault(line.split(" | ")[0].lstrip("| "), line.split(" | "))
-    eto, sft = rows["ETO"], rows["SFT"]
-    assert eto[3] == "1/0/3, p=1" and sft[3] == "—"
+    assert learning.main(["--report", "--envs", "textshop", "--seeds", "0,1", "--algos", "sft,eto", "--out",
+                          str(tmp_path / "out"), "--records", str(rec), "--results", str(md)]) == 0
+    sft, eto = _rows(md)["SFT"], _rows(md)["ETO"]
+    assert eto[3] == "1/0/3, p=1" and sft[3] == "-"
     assert sft[1].startswith("0.425 [")  # the mean of its 4 tasks (the same on both seeds)
     assert eto[1].startswith(f"{(3.2 + 1.7) / 8:.3f} [")
-    # test_unseen has no per-task record: rates 0.25 / 0.5 of 4 rebuilt as 0/1 outcomes; no paired count
-    assert sft[4].startswith("0.250 [0.000, ") and eto[5].startswith("50.0 [") and eto[6] == "—"
+    assert eto[2].startswith("50.0% [")
+    assert sft[4].startswith("0.250 [0.000, ") and eto[5].startswith("50.0% [") and eto[6] == "-"
+    assert "Rows without task ids" in md.read_text()
+
+
+def test_every_algorithm_config_is_valid_and_the_committed_settings_are_current():
+    """Each algorithm's spec builds its config (the `loss:` section included) on both envs, and the
+    settings pinned in the records are what the code resolves now (else a run into them would stop)."""
+    from algorithms.runner import get_algorithm
+    from rl_agents.config import from_dict
+
+    args = learning.parse_args(["--report"])
+    for name in learning.ENVS:
+        env = learning.env_settings(name, args)
+        for algo in learning.HPARAMS:
+            hp = learning.resolve_hparams(algo, name, smoke=False)
+            cfg = from_dict(get_algorithm(hp["algo"]).config_class,
+                            learning.spec(hp, env, 0, Path("/tmp/x"), "smollm2-135m", 2, "explore.jsonl"))
+            assert cfg.evaluate_every == 0 and cfg.iterations == hp["iterations"]
+            if "loss" in hp["config"]:
+                assert cfg.loss.beta == 0.5
+        committed = REPO / "benchmarks/results/learning" / name / "settings.json"
+        assert json.loads(committed.read_text()) == learning.settings(env, args)
+
+
+def test_other_settings_stop_a_run(tmp_path):
+    args = learning.parse_args(["--envs", "textshop", "--out", str(tmp_path / "out"), "--records", str(tmp_path / "r")])
+    env = learning.env_settings("textshop", args)
+    learning.pin_settings(env, args)
+    assert (tmp_path / "r/textshop/settings.json").exists()
+    learning.pin_settings(env, args)  # the same settings: fine
+    args.best_of = 3
+    with pytest.raises(SystemExit, match="other settings .*best_of"):
+        learning.pin_settings(env, args)

@@ -1,7 +1,7 @@
 """vLLM engine (GPU; optional extra `pip install rl-agents[vllm]`).
 
 UNTESTED ON THIS MACHINE: vLLM's wheels are CUDA builds pinned to torch 2.14 / transformers
-< 5.21 and cannot be installed in our CPU environment (DESIGN §7). This module is written
+< 5.21 and cannot be installed in our CPU environment (docs/design.md §5). This module is written
 against vLLM's documented offline API and kept thin; everything around it (workers, groups,
 evaluation) is tested through the HF engine, which has the same interface.
 

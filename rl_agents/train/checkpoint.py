@@ -1,4 +1,4 @@
-"""Checkpoints: HF-layout weights for serving, plus the state a resume needs (DESIGN §8).
+"""Checkpoints: HF-layout weights for serving, plus the state a resume needs (docs/design.md §6).
 
 One checkpoint directory `<run_dir>/checkpoint_<step>/`. Each rank writes its own files into a
 local staging directory, then copies them into the run directory itself (`publish_checkpoint`,

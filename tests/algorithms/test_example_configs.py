@@ -30,7 +30,7 @@ GPU_CAVEAT = "not runnable on CPU machines; untested here (no GPU was available 
 PAPER_OPTIM = {"sft": (1e-5, 64), "eto": (1e-6, 32), "dmpo": (1e-6, 32), "step_dpo": (5e-7, 16)}
 # ETO §4.1: β 0.1 and 2 iterations on WebShop (our TextShop) and ScienceWorld; β 0.5 and 1 iteration on ALFWorld.
 # ETO §4.1: β 0.1 on WebShop/ScienceWorld, 0.5 on ALFWorld; 2/2/1 iterations. TextShop (our WebShop)
-# uses 0.5: at LoRA rates β 0.1 collapsed ETO there (README, "The demo").
+# uses 0.5: at LoRA rates β 0.1 collapsed ETO there (docs/benchmarks.md, "The demo").
 ETO_PER_ENV = {"TextShop": (0.5, 2), "ScienceWorld": (0.1, 2), "ALFWorld": (0.5, 1)}
 
 

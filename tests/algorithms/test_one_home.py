@@ -84,3 +84,13 @@ def test_a_hyperparameter_has_one_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_algorithm_config(ROOT / "examples" / "dmpo_textshop.yaml", [override])
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_the_python_api_example_builds():
+    """algorithms/base.py's docstring example, up to `build()` (which starts nothing)."""
+    from algorithms.base import EnvSection
+    from algorithms.preference import DMPO, DMPOConfig
+
+    algo = DMPOConfig(loss=DMPOObjective(beta=0.1, gamma=0.7), env=EnvSection("rl_agents/TextShop-v0"),
+                      model="tiny-llama").build()
+    assert isinstance(algo, DMPO) and algo.config.loss.gamma == 0.7 and algo._group is None

@@ -1,6 +1,6 @@
 """A run's results table and chart: means with bootstrap intervals, each stage against the baseline."""
 
-from algorithms.runner import results_chart, results_table
+from algorithms.results import results_chart, results_table
 
 
 def _row(stage, rewards):
@@ -29,5 +29,35 @@ def test_table_has_intervals_and_paired_counts_against_the_baseline(tmp_path):
     # rows without per-task results (older runs) show the bare mean and no comparison
     old = {"stage": "old", "eval/test_seen/avg_reward": 0.25, "eval/test_seen/success_rate": 0.1}
     assert "| old | 0.250 | 10.0% | - |" in results_table(rows + [old], baseline="SFT")
-    results_chart(rows + [old], tmp_path / "results.png", "demo")
+    results_chart({"demo": rows + [old]}, tmp_path / "results.png")
     assert (tmp_path / "results.png").stat().st_size > 5_000
+
+
+def _seeds_row(stage, seeds, rewards_per_seed):
+    per_task = [{f"t{i}": [r, int(r >= 1.0)] for i, r in enumerate(rewards)} for rewards in rewards_per_seed]
+    return {"stage": stage, "seeds": seeds, "eval/test_seen/per_task": per_task,
+            "eval/test_seen/avg_reward": [sum(r) / len(r) for r in rewards_per_seed],
+            "eval/test_seen/success_rate": [sum(x >= 1.0 for x in r) / len(r) for r in rewards_per_seed],
+            "columns": {"seeds": f"{len(seeds)}/2"}}
+
+
+def test_rows_over_several_seeds(tmp_path):
+    """Two seeds on the same 4 tasks. SFT: seed 0 at 0.0 on every task, seed 1 at 1.0: mean 0.5; a replicate
+    draws the seeds with replacement, so its mean is 0, 0.5 or 1 (p 1/4, 1/2, 1/4): interval [0, 1].
+    ETO, seed 1 only, 0.5 on every task: against SFT's seed 1 (not seed 0, not their mean) it loses all 4:
+    0/4/0, p = 2/2^4 = 0.125. Rebuilt (0/1 outcomes without task ids, [1, 0, 0, 0] on both seeds): mean
+    0.25, no W/L/T. Rates only, 0.2 and 0.4: 0.300 ± 0.141 (sample std 0.1·√2)."""
+    rebuilt = {"stage": "rebuilt", "seeds": [0, 1], "eval/test_seen/per_task": [[[1, 1], [0, 0], [0, 0], [0, 0]]] * 2,
+               "eval/test_seen/avg_reward": [0.25, 0.25], "eval/test_seen/success_rate": [0.25, 0.25]}
+    rates = {"stage": "rates", "eval/test_seen/avg_reward": [0.2, 0.4], "eval/test_seen/success_rate": [0.2, 0.4]}
+    rows = [_seeds_row("SFT", [0, 1], [[0.0] * 4, [1.0] * 4]), _seeds_row("ETO", [1], [[0.5] * 4]), rebuilt, rates]
+    table = results_table(rows, baseline="SFT")
+    lines = table.splitlines()
+    assert lines[0].endswith("| test_seen: vs SFT (W/L/T, p) | seeds |")
+    assert lines[2] == "| SFT | 0.500 [0.000, 1.000] | 50.0% [0.0, 100.0] | - | 2/2 |"
+    assert lines[3] == "| ETO | 0.500 [0.500, 0.500] | 0.0% [0.0, 0.0] | 0/4/0, p=0.12 | 1/2 |"
+    assert lines[4].startswith("| rebuilt | 0.250 [0.000, ") and lines[4].endswith("| - | - |")
+    assert lines[5] == "| rates | 0.300 ± 0.141 | 30.0% ± 14.1 | - | - |"
+    assert "4 tasks (test_seen)" in table and "Several seeds" in table and "Rows without task ids" in table
+    results_chart({"seeds": rows}, tmp_path / "sub" / "seeds.png")
+    assert (tmp_path / "sub" / "seeds.png").stat().st_size > 5_000

@@ -7,7 +7,7 @@ import pytest
 
 import examples.guess_number_env  # noqa: F401  (registers examples/GuessNumber-v0)
 from envs import StepResult
-from envs.checker import adversarial_actions, check_text_env, replay_expert
+from envs.checker import adversarial_actions, check_text_env, expert_reward
 from examples.guess_number_env import GuessNumberEnv
 
 
@@ -45,7 +45,7 @@ def test_seeded_reset_picks_the_same_task():
 
 def test_expert_replay_of_the_worked_example():
     env = GuessNumberEnv()
-    assert all(replay_expert(env, t) == 1.0 for t in env.list_tasks("train"))
+    assert all(expert_reward(env, t) == 1.0 for t in env.list_tasks("train"))
     assert max(len(env.expert_steps(t)) for t in env.list_tasks("train")) <= 7
 
 

@@ -13,7 +13,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers rl_agents/ScienceWorld-v0)
-from envs.checker import replay_expert
+from envs.checker import expert_reward
 from envs.sciworld import ETO_INSTRUCTION, MAX_STEPS, ScienceWorldEnv, parse_task_id, shorten_gold_path
 from tests.envs.conftest import hostile_actions, rollout
 
@@ -222,12 +222,12 @@ def test_experts_win_on_every_task_type(env):
         steps = env.expert_steps(task)
         assert steps and all(s.thought and s.action for s in steps)
         assert steps[0].thought.startswith("My task is to ")
-        rewards[task] = replay_expert(env, task)
+        rewards[task] = expert_reward(env, task)
         if len(steps) > env.max_turns_for(task):
             over_budget.append(parse_task_id(task)[0])
     assert rewards.pop("task-4-grow-fruit:53") == 0.48
     assert all(r == 1.0 for r in rewards.values()), rewards
-    assert replay_expert(env, "task-4-grow-fruit:11") == 1.0
+    assert expert_reward(env, "task-4-grow-fruit:11") == 1.0
     assert over_budget == ["task-4-grow-fruit"], over_budget
 
 

@@ -1,4 +1,4 @@
-"""Token-exactness of trajectory encoding (DESIGN §5), on three chat-template/tokenizer pairs:
+"""Token-exactness of trajectory encoding (docs/design.md §3), on three chat-template/tokenizer pairs:
 
 * `chatml`: SmolLM2's own tokenizer and ChatML template (from the converted checkpoint);
 * `llama3`: a Llama-3 template and special tokens on SmolLM2's vocabulary, with Llama-3's
