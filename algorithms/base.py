@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,9 @@ class EnvSection:
 
 @dataclass
 class AlgorithmConfig:
+    """Every algorithm's config: these sections, plus `loss` (the algorithm's `Objective`, whose fields
+    are the loss's hyperparameters: `loss.beta`, ...) and the algorithm's own fields."""
+
     model: str = "smollm2-135m"
     """Starting policy: an HF checkpoint dir or an alias (`smollm2-135m`, `tiny-llama`)."""
     env: EnvSection = field(default_factory=EnvSection)
@@ -79,6 +81,9 @@ class AlgorithmConfig:
     seed: int = 0
 
     algo: ClassVar[str] = ""
+    moved_keys: ClassVar[dict[str, str]] = {k: f"loss.{k}" for k in
+                                             ("beta", "gamma", "end_of_turn", "clip_eps", "entropy_coef", "kl_coef")}
+    """Keys that moved (an older config's): an unknown-key error names where they live now."""
 
     def __post_init__(self):
         _check(isinstance(self.model, str) and self.model.strip() != "", "model", "must be a checkpoint dir or alias",

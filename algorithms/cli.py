@@ -21,8 +21,9 @@ from pathlib import Path
 
 import gymnasium as gym
 
-import envs
+import envs  # noqa: F401  (registers the built-in envs)
 from envs.base import TaskIdError
+from rl_agents.config import ConfigError
 from rl_agents.fileio import WriteError
 from rl_agents.trajectory import TrajectoryFormatError
 
@@ -195,10 +196,21 @@ def _where_stopped(cfg) -> str:
 
 
 def _rollout(args):
+    """`eval`/`explore`'s workers; a bad value's error names the flag the user gave."""
+    from rl_agents.config import ConfigError
     from rl_agents.rollout_group import RolloutSection
 
-    return RolloutSection(num_workers=args.workers, envs_per_worker=args.envs_per_worker,
-                          max_new_tokens=args.max_new_tokens)
+    try:
+        return RolloutSection(num_workers=args.workers, envs_per_worker=args.envs_per_worker,
+                              max_new_tokens=args.max_new_tokens)
+    except ConfigError as e:
+        flags = {"rollout.num_workers": "--workers", "rollout.envs_per_worker": "--envs-per-worker",
+                 "rollout.max_new_tokens": "--max-new-tokens"}
+        key, _, rest = str(e).partition(":")
+        if key == "rollout.max_context":
+            raise ConfigError(f"--max-new-tokens: must be < the episodes' context (2048 tokens), "
+                              f"got {args.max_new_tokens}") from None
+        raise ConfigError(f"{flags.get(key, key)}:{rest}") from None
 
 
 def cmd_eval(args) -> int:
@@ -317,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (TrajectoryFormatError, TaskIdError) as e:
+    except (TrajectoryFormatError, TaskIdError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -23,12 +23,11 @@ def _sft_train() -> TrainConfig:
 
 @dataclass
 class SFTConfig(AlgorithmConfig):
+    loss: SFTObjective = field(default_factory=SFTObjective)
+    """Masked token-mean NLL on the agent tokens (no hyperparameters)."""
     train: TrainConfig = field(default_factory=_sft_train)
     """Paper defaults (ETO): lr 1e-5, batch 64, 3 epochs, 3% warm-up, cosine decay."""
     algo = "sft"
-
-    def objective(self) -> SFTObjective:
-        return SFTObjective()
 
 
 @dataclass

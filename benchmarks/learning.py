@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 import traceback
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def spec(hp: dict, env: dict, seed: int, run_dir: Path, model: str, threads: int
                     "train_tasks": env["train_tasks" if hp["algo"] == "sft" else "explore_tasks"],
                     "eval_splits": list(SPLITS), "eval_tasks": env["eval_tasks"]},
             "rollout": rollout(env, explore_data=explore_data, **hp["rollout"]),
-            # train.seed is set here: AlgorithmConfig.seed does not reach it (LoRA init, data order).
+            # The trainer's seed is train.seed + seed (`Algorithm.train_config`): LoRA init, data order.
             "train": {"num_workers": 1, "threads_per_worker": threads, "seed": seed, "deepspeed": DEEPSPEED,
                       "lora": LORA, "optim": optim}}
 
@@ -237,8 +238,10 @@ def run(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, args)
     except Exception as e:
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    result.update(env=env["name"], seed=seed, algo=algo, wall_s=time.perf_counter() - t0,
-                  finished=datetime.now().isoformat(timespec="seconds"))
+    # Provenance: which SFT run a result starts from (`sft_run_id`), so that results of another SFT
+    # policy of the same seed are never mixed in silently (`seed_results`).
+    result.update(env=env["name"], seed=seed, algo=algo, wall_s=time.perf_counter() - t0, run_id=uuid.uuid4().hex,
+                  sft_run_id=None if algo == "sft" else sft.get("run_id"), finished=datetime.now().isoformat(timespec="seconds"))
     save(result, run_dir / "result.json", None if result.get("error") else record(args, env["name"], seed, algo))
     print(f"  {algo}: " + (f"FAILED ({result['error'].splitlines()[0][:200]})" if result.get("error") else ", ".join(
         f"{s} success {result['metrics'][f'eval/{s}/success_rate']:.1%}" for s in SPLITS)), flush=True)
@@ -264,14 +267,28 @@ def stored(*paths: Path | None) -> dict | None:
     return None
 
 
+def other_sft(result: dict | None, sft: dict | None) -> str | None:
+    """The id of the SFT run `result` was made from, when that is not `sft` (the SFT of its seed now)."""
+    made_from = (result or {}).get("sft_run_id")
+    return made_from if made_from and sft and sft.get("run_id") and made_from != sft["run_id"] else None
+
+
 def seed_results(env: dict, seed: int, args) -> dict[str, dict | None]:
-    """Each algorithm's result for (env, seed): stored, else run now (not with --report)."""
+    """Each algorithm's result for (env, seed): stored, else run now (not with --report). A stored result
+    made from another SFT run than the seed's current one is run again; with --report it is shown,
+    marked (`earlier_sft`)."""
     seed_dir = Path(args.out) / env["name"] / f"seed{seed}"
     results = {a: stored(seed_dir / a / "result.json", record(args, env["name"], seed, a)) for a in args.algos}
+    for algo, result in results.items():
+        if other_sft(result, results.get("sft")):
+            results[algo] = {**result, "earlier_sft": result["sft_run_id"]} if args.report else None
     todo = [a for a in args.algos if results[a] is None]
     if todo and "sft" not in todo and not args.report and not stored(seed_dir / "sft" / "result.json"):
         todo.insert(0, "sft")  # recorded, but the others start from its weights
     for algo in args.algos:
+        if not args.report and algo != "sft" and other_sft(results[algo], results["sft"]):  # the SFT run just replaced
+            results[algo] = None
+            todo.append(algo)
         if algo not in todo or args.report:
             print(f"  {algo}: " + ("not run" if algo in todo else "done before, skipped"), flush=True)
         elif algo != "sft" and (results["sft"] is None or results["sft"].get("error")):
@@ -320,6 +337,9 @@ def table_rows(results: dict, seeds: list[int], algos: list[str]) -> list[dict]:
 def env_section(env: dict, rows: list[dict], results: dict, explored: list[dict], args) -> str:
     notes = [f"- {LABELS[a]}, seed {s}: " + ("not run" if r is None else f"failed: {r['error'].splitlines()[0][:300]}")
              for a in args.algos for s in args.seeds if (r := results.get((s, a))) is None or r.get("error")]
+    notes += [f"- {LABELS[a]}, seed {s}: made from an earlier SFT run of seed {s} (`{r['earlier_sft']}`), not from "
+              "the one in the SFT row (same settings)" for a in args.algos for s in args.seeds
+              if (r := results.get((s, a))) and r.get("earlier_sft")]
     text = f"### {env['name']} (`{env['env_id']}`)\n\n{results_table(rows, baseline='SFT')}\n"
     text += "\n".join(notes) + "\n\n" if notes else ""
     text += f"Task types: {', '.join(env['task_types'])} (ALFWorld's `task_types`).\n" if env.get("task_types") else ""

@@ -93,14 +93,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from `data`; unknown keys and wrong types raise `ConfigError`."""
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise `ConfigError`. A class may
+    name keys that moved (`moved_keys = {"beta": "loss.beta"}`): their error says where they went."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!s} (valid keys under "
+        moved = getattr(cls, "moved_keys", {}).get(unknown[0])
+        hint = f"; it is {prefix}{moved} now" if moved else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}{hint} (valid keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:

@@ -153,3 +153,26 @@ def test_other_settings_stop_a_run(tmp_path):
     args.best_of = 3
     with pytest.raises(SystemExit, match="other settings .*best_of"):
         learning.pin_settings(env, args)
+
+
+def test_results_of_another_sft_run_are_run_again_and_reported_marked(tmp_path, monkeypatch):
+    """Seed 0's SFT record is run "new"; RFT was made from it, DPO from an earlier SFT run "old" of the
+    same seed. A run redoes DPO only; --report shows DPO, marked as made from "old"."""
+    ran = []
+
+    def fake_run(algo, env, seed, seed_dir, sft, args):
+        ran.append(algo)
+        return {**_result(algo, 0.5, 0.5), "policy": "p", "run_id": algo, "sft_run_id": sft["run_id"]}
+
+    monkeypatch.setattr(learning, "run", fake_run)
+    out, rec, md = tmp_path / "out", tmp_path / "records", tmp_path / "results.md"
+    _write(out / "textshop/seed0/sft/result.json", _result("sft", 0.5, 0.5, policy="p", run_id="new"))
+    _write(rec / "textshop/seed0/rft.json", _result("rft", 0.5, 0.5, sft_run_id="new"))
+    _write(rec / "textshop/seed0/dpo.json", _result("dpo", 1.0, 1.0, sft_run_id="old"))
+    common = ["--envs", "textshop", "--seeds", "0", "--algos", "rft,dpo", "--out", str(out), "--records", str(rec)]
+    assert learning.main(["--report", *common, "--results", str(md), "--chart", str(tmp_path / "c.png")]) == 0
+    assert "- DPO (fixed pairs), seed 0: made from an earlier SFT run of seed 0 (`old`)" in md.read_text()
+    assert _rows(md)["DPO (fixed pairs)"][1].startswith("1.000")
+    args = learning.parse_args(common)
+    results = learning.seed_results(learning.env_settings("textshop", args), 0, args)
+    assert ran == ["dpo"] and results["dpo"]["sft_run_id"] == "new" and results["rft"]["sft_run_id"] == "new"

@@ -245,3 +245,14 @@ def test_train_refuses_a_run_dir_holding_another_config(capsys, tmp_path):
     line = _train_error(capsys, [str(SFT_YAML), f"run_dir={run_dir}"])
     assert line.startswith(f"config error: run_dir: {run_dir} holds a run with another config (differs at "), line
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "error: --workers: must be >= 1, got 0"),
+    (["--envs-per-worker", "0"], "error: --envs-per-worker: must be >= 1, got 0"),
+    (["--max-new-tokens", "4096"], "error: --max-new-tokens: must be < the episodes' context (2048 tokens), got 4096"),
+])
+def test_eval_and_explore_name_the_flag_of_a_bad_value(capsys, tmp_path, flags, message):
+    for cmd in (["eval"], ["explore", "--out", str(tmp_path / "x.jsonl")]):
+        assert main([*cmd, "--model", "tiny-llama", "--env", "rl_agents/TextShop-v0", *flags]) == 2
+        assert capsys.readouterr().err.strip() == message

@@ -76,7 +76,7 @@ def test_loss_beta_reaches_the_loss_and_the_saved_config_is_what_the_user_set(tm
 
 
 @pytest.mark.parametrize("override, message", [
-    ("beta=0.3", "unknown key beta"),
+    ("beta=0.3", "unknown key beta; it is loss.beta now"),
     ("train.loss.beta=0.3", "unknown key train.loss"),
     ("loss.gamma=2", "loss.gamma: must be in (0, 1], got 2.0"),
 ])
@@ -94,3 +94,33 @@ def test_the_python_api_example_builds():
     algo = DMPOConfig(loss=DMPOObjective(beta=0.1, gamma=0.7), env=EnvSection("rl_agents/TextShop-v0"),
                       model="tiny-llama").build()
     assert isinstance(algo, DMPO) and algo.config.loss.gamma == 0.7 and algo._group is None
+
+
+@pytest.mark.parametrize("name", ["sft", "rft", "eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo"])
+def test_every_algorithm_updates_with_its_configs_loss(name, tmp_path, tiny_model_dir, monkeypatch):
+    """Each algorithm's update hands the trainer the objective its config holds (`loss`), and an
+    override of one of its fields reaches it; the trainer is stubbed (no Ray)."""
+    import dataclasses
+
+    import rl_agents.train as train_module
+    from algorithms.base import ALGORITHMS
+    from rl_agents.train.objective import Objective
+
+    cls = ALGORITHMS[name]
+    fields = [f.name for f in dataclasses.fields(cls.config_class().loss)]
+    overrides = [f"model={tiny_model_dir}", f"run_dir={tmp_path}"] + (
+        [f"loss.{fields[0]}=0.25"] if fields else [])
+    from rl_agents.config import from_dict, apply_overrides
+
+    cfg = from_dict(cls.config_class, apply_overrides({}, overrides))
+    seen = {}
+
+    def fake_train(objective, data, train_cfg, **kw):
+        seen["objective"] = objective
+        return TrainResult(checkpoint_path=str(tiny_model_dir), metrics={})
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    algo = cls(cfg)
+    algo.update(_pairs(4))
+    assert isinstance(seen["objective"], Objective) and seen["objective"] is cfg.loss
+    assert not fields or getattr(seen["objective"], fields[0]) == 0.25
