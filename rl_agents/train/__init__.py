@@ -1,8 +1,8 @@
 """Training on Ray Train V2 `TorchTrainer` workers with DeepSpeed ZeRO (or DDP).
 
-    from algorithms.losses import DPOObjective
     from rl_agents.train import TrainConfig, train
-    result = train(DPOObjective(beta=0.1), pairs, TrainConfig(num_workers=2))  # pairs: [(chosen, rejected)]
+    result = train(objective, pairs, TrainConfig(num_workers=2))  # pairs: [(chosen, rejected)] EncodedSequences
+    # objective: an `Objective` with its hyperparameters, e.g. the algorithms layer's DPOObjective(beta=0.1)
     AutoModelForCausalLM.from_pretrained(result.checkpoint_path)
 
 `train` is the driver: it validates the data against the objective, builds the `TorchTrainer`
