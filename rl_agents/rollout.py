@@ -45,6 +45,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from rl_agents.cluster import Weights, discard_local_copy, node_id
 from rl_agents.engines import Engine, EngineSpec, Generation, SamplingParams, make_engine
 from rl_agents.prompting import initial_messages, parse_action
 from rl_agents.trajectory import Trajectory, Turn
@@ -121,12 +122,19 @@ class _Episode:
 class RolloutWorker:
     """An engine and K envs; `rollout(tasks)` runs them K at a time (see the module docstring)."""
 
-    def __init__(self, engine: EngineSpec | Engine, config: RolloutConfig, worker_index: int = 0):
-        """`engine`: a spec (built here, inside the actor) or a ready engine (in-process use)."""
+    def __init__(self, engine: EngineSpec | Engine, config: RolloutConfig, worker_index: int = 0,
+                 weights: Weights | None = None):
+        """`engine`: a spec (built here, inside the actor) or a ready engine (in-process use).
+        `weights`: the policy to start from when it may have to come through the object store
+        (`rl_agents.cluster.Weights`; it replaces the spec's model)."""
         import envs  # noqa: F401  (registers the built-in envs inside the actor)
         from rl_agents.tokenization import ChatSegmenter
 
         self.config, self.worker_index = config, worker_index
+        self.node_id = node_id()
+        self.weights_version = weights.version if weights is not None else 0
+        if weights is not None and isinstance(engine, EngineSpec):
+            engine = dataclasses.replace(engine, model=weights.local_path())
         self.engine = make_engine(engine) if isinstance(engine, EngineSpec) else engine
         self.engine.reserve_prefix_cache(config.num_envs, config.max_context)  # all K episodes' KV between turns
         self.segmenter = ChatSegmenter(self.engine.tokenizer)
@@ -136,7 +144,8 @@ class RolloutWorker:
 
     # ---- verbs -----------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "worker": self.worker_index, "weights": getattr(self.engine, "weights_path", None)}
+        return {"pid": os.getpid(), "worker": self.worker_index, "node_id": self.node_id,
+                "weights": getattr(self.engine, "weights_path", None), "weights_version": self.weights_version}
 
     def list_tasks(self, split: str | None = None) -> list[str]:
         return list(self._env(0, split or self.config.split).unwrapped.list_tasks(split or self.config.split))
@@ -144,9 +153,19 @@ class RolloutWorker:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
         return self.engine.generate(prompts, params)
 
-    def update_weights(self, path: str) -> str:
+    def update_weights(self, weights: Weights | str, version: int | None = None) -> str:
+        """Load new weights: a `Weights` (its node-local copy when shipped) or a path; returns the path
+        loaded. The previous node-local copy, if any, is removed once the new one is in."""
+        previous = getattr(self.engine, "weights_path", None)
+        if isinstance(weights, Weights):
+            path, version = weights.local_path(), weights.version
+        else:
+            path = str(weights)
         self.engine.update_weights(path)
-        return str(path)
+        self.weights_version = self.weights_version + 1 if version is None else version
+        if previous != path and previous != getattr(self.engine, "base_path", None):
+            discard_local_copy(previous)
+        return path
 
     def release_cache(self) -> int:
         """Free the engine's between-call memory (before training: the trainer needs the RAM); returns the pid."""
@@ -271,8 +290,9 @@ class RolloutWorker:
 
     def _record(self, ep: _Episode) -> Trajectory:
         meta = {"split": ep.split, "seed": ep.task.seed, "sample_index": ep.task.sample_index,
-                "stop_reason": ep.stop_reason, "worker": self.worker_index,
-                "weights": getattr(self.engine, "weights_path", None), "generated_tokens": ep.generated_tokens,
+                "stop_reason": ep.stop_reason, "worker": self.worker_index, "node_id": self.node_id,
+                "weights": getattr(self.engine, "weights_path", None), "weights_version": self.weights_version,
+                "generated_tokens": ep.generated_tokens,
                 "wall_s": round(time.perf_counter() - ep.started, 4)}
         if ep.error:
             meta["error"] = ep.error

@@ -26,12 +26,19 @@ raised.
 `RolloutSection` (the `rollout:` section of every algorithm config) holds the workers' settings
 and makes every group of the library (`make_group`).
 
-Resources: `num_cpus`/`num_gpus` per worker; `placement_strategy` ('PACK', 'SPREAD',
-'STRICT_SPREAD', ...) reserves one bundle per worker in a placement group first (GPU clusters).
+Resources: `num_cpus`/`num_gpus` per worker; `scheduling` (default 'SPREAD': over the cluster's
+nodes); or `placement_strategy` ('PACK', 'STRICT_SPREAD', ...) reserves one bundle per worker in a
+placement group first (GPU clusters).
+
+On a cluster (`rl_agents.cluster`): every trajectory names its `worker`, `node_id` and
+`weights_version`; new weights reach workers on other nodes through the object store (or by path
+from shared storage); a worker whose node died is replaced where the cluster has room, else
+retired, and the run goes on with the others (its lost tasks re-run on them).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -39,29 +46,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rl_agents.cluster import Weights, is_alive, multi_node, unreadable_nodes
 from rl_agents.config import ConfigError
 from rl_agents.engines import EngineSpec, SamplingParams, logprob_diff, sync_probe_prompts
 from rl_agents.ray_utils import init_ray
 from rl_agents.rollout import RolloutConfig, RolloutTask, RolloutWorker
 from rl_agents.trajectory import Trajectory
 
+logger = logging.getLogger(__name__)
 
 class RolloutGroup:
     def __init__(self, engine: EngineSpec, config: RolloutConfig, num_workers: int = 1, *, num_cpus: float = 1,
-                 num_gpus: float = 0, placement_strategy: str | None = None, chunk_size: int | None = None,
-                 max_restarts: int = 10, max_task_attempts: int = 3, progress: bool = True):
+                 num_gpus: float = 0, placement_strategy: str | None = None, scheduling: str = "SPREAD",
+                 chunk_size: int | None = None, max_restarts: int = 10, max_task_attempts: int = 3,
+                 object_store_weights_bytes: int = 2 * 2**30, progress: bool = True):
         import ray
 
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         init_ray()
         self.engine, self.config, self.num_workers = engine, config, num_workers
-        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.num_cpus, self.num_gpus, self.scheduling = num_cpus, num_gpus, scheduling
         self.chunk_size = chunk_size or 2 * config.num_envs
         self.max_restarts, self.max_task_attempts, self.progress = max_restarts, max_task_attempts, progress
+        self.object_store_weights_bytes = object_store_weights_bytes
         self.restarts = 0  # in the current `run`/`iter_results` call: `max_restarts` is a per-call limit
         self.total_restarts = 0
-        self.weights_path: str | None = None
+        self.retired: list[int] = []  # workers whose node died, with no room left for them elsewhere
+        # The initial policy: shipped through the object store to nodes that may not read this disk.
+        self.initial = self._publish(engine.model, 0) if Path(engine.model).is_dir() else None
+        self.weights: Weights | None = None  # the latest update (restarted workers load it too)
         self._actor_cls = ray.remote(RolloutWorker)
         self.placement_group = None
         if placement_strategy:
@@ -73,6 +87,25 @@ class RolloutGroup:
         self.workers = [self._spawn(i) for i in range(num_workers)]
         self.worker_info = ray.get([w.ready.remote() for w in self.workers])  # fail fast on a bad engine
 
+    @property
+    def weights_path(self) -> str | None:
+        return self.weights.path if self.weights is not None else None
+
+    def _publish(self, path: str | Path, version: int) -> Weights:
+        """`Weights` for the workers; on a multi-node cluster a policy too big for the object store
+        must be readable on every node, checked here (before any worker loads it)."""
+        weights = Weights.publish(path, version, self.object_store_weights_bytes)
+        if not weights.shipped and multi_node():
+            missing = unreadable_nodes(weights.path)
+            if missing:
+                raise ConfigError(
+                    f"rollout: the policy {weights.path} ({weights.nbytes / 2**20:.0f} MB) cannot reach the rollout "
+                    f"workers: {len(missing)} node(s) of the cluster cannot read it (e.g. node {missing[0][:12]}) and "
+                    f"it is over rollout.object_store_weights_mb={self.object_store_weights_bytes // 2**20}. Put "
+                    "run_dir (and the model) on storage every node mounts (NFS, a mounted bucket), or raise "
+                    "rollout.object_store_weights_mb (docs/cluster.md)")
+        return weights
+
     def _spawn(self, index: int):
         opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0}
         if self.placement_group is not None:
@@ -80,12 +113,16 @@ class RolloutGroup:
 
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.placement_group, placement_group_bundle_index=index)
-        actor = self._actor_cls.options(**opts).remote(self.engine, self.config, index)
-        if self.weights_path is not None:  # a restarted worker must not roll out with stale weights
-            actor.update_weights.remote(self.weights_path)
+        elif self.scheduling:
+            opts["scheduling_strategy"] = self.scheduling
+        actor = self._actor_cls.options(**opts).remote(self.engine, self.config, index, self.initial)
+        if self.weights is not None:  # a restarted worker must not roll out with stale weights
+            actor.update_weights.remote(self.weights)
         return actor
 
     def _restart(self, index: int) -> None:
+        """Replace dead worker `index`; retire it instead when its node died and no other node has
+        room for it (its tasks then go to the surviving workers)."""
         import ray
 
         self.restarts += 1
@@ -93,13 +130,56 @@ class RolloutGroup:
         if self.restarts > self.max_restarts:
             raise RuntimeError(f"rollout workers died {self.restarts} times in one call (max_restarts={self.max_restarts})")
         ray.kill(self.workers[index], no_restart=True)
+        info = self.worker_info[index]
+        if isinstance(info, ray.ObjectRef):  # a restarted worker: where did it run?
+            try:
+                info = ray.get(info, timeout=1)
+            except Exception:  # noqa: BLE001 (it died before it was ready: its node is unknown)
+                info = {}
+        node = info.get("node_id")
+        if self.placement_group is None and len(self.live()) > 1 and not self._room_or_alive(node):
+            self.workers[index] = None
+            self.retired.append(index)
+            logger.warning("rollout worker %d: its node %s is gone and no node has room for it; going on with %d "
+                           "workers", index, (node or "?")[:12], len(self.live()))
+            return
         self.workers[index] = self._spawn(index)
+        self.worker_info[index] = self.workers[index].ready.remote()  # resolved when next needed
+
+    node_check_s = 20.0
+    """How long a worker death waits for the GCS to say whether the worker's node died with it
+    (Ray's default health checks notice a lost node in ~15 s)."""
+
+    def _room_or_alive(self, node: str | None) -> bool:
+        """True as soon as the cluster has room for a new worker, or `node` (the dead worker's) turns
+        out alive after `node_check_s` (a crashed worker, not a lost machine: respawn); False when
+        the node died and no node has room."""
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + self.node_check_s
+        while True:
+            free = ray.available_resources()
+            if free.get("CPU", 0) >= self.num_cpus and free.get("GPU", 0) >= self.num_gpus:
+                return True
+            if node is not None and not is_alive(node):
+                time.sleep(1)  # the resources of a dead node leave the totals with it: look once more
+                free = ray.available_resources()
+                return free.get("CPU", 0) >= self.num_cpus and free.get("GPU", 0) >= self.num_gpus
+            if time.monotonic() >= deadline:
+                return True
+            time.sleep(0.5)
+
+    def live(self) -> list[int]:
+        """Indices of the workers in service."""
+        return [i for i, w in enumerate(self.workers) if w is not None]
 
     # ---- verbs ------------------------------------------------------------------------------
     def list_tasks(self, split: str | None = None) -> list[str]:
         import ray
 
-        return ray.get(self.workers[0].list_tasks.remote(split))
+        return ray.get(self.workers[self.live()[0]].list_tasks.remote(split))
 
     def run(self, tasks: Sequence[RolloutTask], sampling: SamplingParams | None = None, *, desc: str = "rollout",
             on_result: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
@@ -127,7 +207,7 @@ class RolloutGroup:
         if len(wanted) != len(tasks):
             raise ValueError("tasks must have unique (split, task_id, sample_index) keys")
         # Chunks no larger than an even share per worker, so a small call still keeps every worker busy.
-        size = min(self.chunk_size, max(1, -(-len(tasks) // self.num_workers)))
+        size = min(self.chunk_size, max(1, -(-len(tasks) // len(self.live()))))
         queue = deque(list(tasks[i : i + size]) for i in range(0, len(tasks), size))
         # One streaming call per chunk: generator -> (worker index, the chunk's tasks not yet returned).
         inflight: dict[Any, tuple[int, dict[tuple[str, str, int], RolloutTask]]] = {}
@@ -144,7 +224,7 @@ class RolloutGroup:
 
         try:
             for depth in (1, 2):  # round robin: every worker gets a first chunk before any gets a second
-                for i in range(self.num_workers):
+                for i in self.live():
                     submit(i, depth)
             while inflight:
                 (gen,), _ = ray.wait(list(inflight), num_returns=1)
@@ -171,7 +251,7 @@ class RolloutGroup:
                         else:
                             queue.appendleft([task])  # alone: a task that kills workers is isolated
                     bar.set_postfix(restarts=self.restarts)
-                    for i in range(self.num_workers):
+                    for i in self.live():
                         submit(i)
                     continue
                 key = _traj_key(traj)
@@ -188,12 +268,14 @@ class RolloutGroup:
         if missing:  # cannot happen unless a worker returned the wrong tasks
             raise RuntimeError(f"{len(missing)} tasks came back without a trajectory, e.g. {sorted(missing)[:3]}")
 
-    def update_weights(self, path: str) -> None:
-        """Load a checkpoint dir or LoRA adapter dir into every engine (and into restarted ones)."""
+    def update_weights(self, path: str | Path) -> None:
+        """Load a checkpoint dir or LoRA adapter dir into every engine (and into restarted ones): by
+        path, or through the object store on a multi-node cluster (`rl_agents.cluster.Weights`)."""
         import ray
 
-        self.weights_path = str(path)
-        ray.get([w.update_weights.remote(self.weights_path) for w in self.workers])
+        version = (self.weights.version if self.weights is not None else 0) + 1
+        self.weights = self._publish(path, version)
+        ray.get([self.workers[i].update_weights.remote(self.weights) for i in self.live()])
 
     def release_cache(self) -> None:
         """Every engine frees what it keeps between calls (the HF prefix cache: up to K episodes x
@@ -201,7 +283,7 @@ class RolloutGroup:
         the actors stay up beside the trainer."""
         import ray
 
-        ray.get([w.release_cache.remote() for w in self.workers])
+        ray.get([self.workers[i].release_cache.remote() for i in self.live()])
 
     def check_weight_sync(self, model, prompts: Sequence[Sequence[int]] | None = None,
                           max_new_tokens: int = 8) -> float:
@@ -217,14 +299,14 @@ class RolloutGroup:
         if prompts is None:
             prompts = sync_probe_prompts(load_tokenizer(self.engine.model))
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-        gens = ray.get([w.generate.remote(prompts, params) for w in self.workers])
+        gens = ray.get([self.workers[i].generate.remote(prompts, params) for i in self.live()])
         return max(logprob_diff(model, prompts, g) for g in gens)
 
     def shutdown(self) -> None:
         import ray
 
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
+        for i in self.live():
+            ray.kill(self.workers[i], no_restart=True)
         self.workers = []
         if self.placement_group is not None:
             from ray.util.placement_group import remove_placement_group
@@ -272,6 +354,14 @@ class RolloutSection:
     threads_per_worker: int | None = None
     """torch threads of each actor's HF engine (None = Ray's default, the reserved CPUs)."""
     num_gpus_per_worker: float = 0
+    placement: Literal["spread", "default"] = "spread"
+    """Where Ray puts the workers: 'spread' over the cluster's nodes (Ray's SPREAD strategy: more
+    nodes, more env CPUs; one lost node takes few workers), or Ray's 'default' (packs onto the
+    driver's node first)."""
+    object_store_weights_mb: int = 2048
+    """On a multi-node cluster, policies up to this size reach the workers through Ray's object
+    store (no shared disk needed); larger ones by path, which every node must read (shared
+    storage; checked at start and at each update)."""
     temperature: float = 1.0
     """Exploration sampling temperature (evaluation is greedy)."""
     top_p: float = 1.0
@@ -312,6 +402,10 @@ class RolloutSection:
         _check(self.max_context > self.max_new_tokens, "rollout.max_context",
                f"must be > rollout.max_new_tokens ({self.max_new_tokens})", self.max_context)
         _check(self.samples_per_task >= 1, "rollout.samples_per_task", "must be >= 1", self.samples_per_task)
+        _check(self.placement in ("spread", "default"), "rollout.placement", "must be 'spread' or 'default'",
+               self.placement)
+        _check(self.object_store_weights_mb >= 0, "rollout.object_store_weights_mb", "must be >= 0",
+               self.object_store_weights_mb)
         owned = {"model", "dtype", "device"} & set(self.engine_kwargs)
         if owned:
             raise ConfigError(f"rollout.engine_kwargs: {sorted(owned)} are set by rollout.dtype and the run "
@@ -343,7 +437,8 @@ class RolloutSection:
                                num_envs=self.envs_per_worker, max_context=self.max_context,
                                sampling=SamplingParams(temperature=0.0, max_new_tokens=self.max_new_tokens))
         return RolloutGroup(spec, config, self.num_workers, num_cpus=self.num_cpus_per_worker,
-                            num_gpus=self.num_gpus_per_worker, progress=progress)
+                            num_gpus=self.num_gpus_per_worker, scheduling=self.placement.upper(),
+                            object_store_weights_bytes=self.object_store_weights_mb * 2**20, progress=progress)
 
 
 def _check(ok: bool, key: str, msg: str, value) -> None:

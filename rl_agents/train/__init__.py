@@ -154,7 +154,8 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
     run_dir = Path(storage) / name
     model_dir = os.path.abspath(resolve_model(cfg.model.path))
     init_ray()
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **cfg.resources_per_worker}
+    resources.update(_pin_to_driver_node(storage, model_dir))
     loop_config = {"cfg": cfg, "objective": objective, "data": ray.put(list(data)), "ref": ref_mode,
                    "run_dir": str(run_dir), "model_dir": model_dir, "write_fault": os.environ.get(WRITE_FAULT_ENV)}
     _set_aside_torn_snapshot(run_dir)
@@ -167,7 +168,7 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
             train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
             run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         )
@@ -196,6 +197,24 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
         raise RuntimeError(f"run {run_dir} finished without a checkpoint")
     last = {k: v for k, v in (history or [{}])[-1].items() if k != "step"}
     return TrainResult(checkpoint_path=str(final), metrics=last, history=history, run_dir=str(run_dir))
+
+
+def _pin_to_driver_node(storage: str, model_dir: str) -> dict[str, float]:
+    """On a multi-node cluster where some node cannot read the storage path or the model (a node-local
+    run directory), the workers' extra resource that keeps them on this (the driver's) node, where
+    both are; {} otherwise."""
+    from rl_agents.cluster import alive_nodes, multi_node, node_id, unreadable_nodes
+
+    if not multi_node():
+        return {}
+    os.makedirs(storage, exist_ok=True)
+    blind = set(unreadable_nodes(storage)) | set(unreadable_nodes(model_dir))
+    if not blind:
+        return {}
+    ip = next(n["NodeManagerAddress"] for n in alive_nodes() if n["NodeID"] == node_id())
+    logger.info("train: %d node(s) cannot read %s or %s; training workers stay on the driver's node %s "
+                "(put train.storage_path on shared storage to let them go anywhere)", len(blind), storage, model_dir, ip)
+    return {f"node:{ip}": 0.001}
 
 
 def _fit(trainer):

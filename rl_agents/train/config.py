@@ -118,9 +118,17 @@ class TrainConfig:
     """torch intra-op threads of each CPU worker (None = `cpus_per_worker`). On one machine the
     rollout actors sit idle during an update, so an update may use more cores than it reserves
     (the demo: 1 reserved CPU, 2 threads on a 2-core laptop)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker also needs, e.g. `{"trainer": 1}` for nodes started with
+    `ray start --resources '{"trainer": 1}'` (CPU/GPU come from the fields above)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray Train places the workers over the nodes: packed (fewest nodes: fast all-reduce) by
+    default."""
     storage_path: str = "~/rl_agents_runs"
     """Where Ray Train writes the run (`<storage_path>/<name>/`: checkpoints, metrics.jsonl,
-    tensorboard/). Must be shared storage on multi-node clusters. A local or shared filesystem path."""
+    tensorboard/). A local or shared filesystem path. On a multi-node cluster, where some node
+    cannot read it (or the model), the workers are all placed on the driver's node, which then
+    needs room for them; shared storage lets them go anywhere."""
     name: str = ""
     """Run name; empty = `<objective>-<timestamp>`. Re-running with an existing name resumes that run."""
     seed: int = 0
@@ -155,6 +163,13 @@ class TrainConfig:
         _check(self.keep_checkpoints > 0, "keep_checkpoints", "must be > 0", self.keep_checkpoints)
         _check(self.max_failures >= 0, "max_failures", "must be >= 0", self.max_failures)
         _check(bool(self.storage_path), "storage_path", "must not be empty", self.storage_path)
+        _check("://" not in self.storage_path, "storage_path",
+               "must be a filesystem path (mount the bucket on every node; URIs are not supported yet)",
+               self.storage_path)
+        _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "placement_strategy",
+               "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", self.placement_strategy)
+        _check(all(isinstance(v, (int, float)) and v >= 0 for v in self.resources_per_worker.values()),
+               "resources_per_worker", "must map resource names to amounts >= 0", self.resources_per_worker)
         per_step = self.optim.micro_batch_size * self.num_workers
         if self.optim.batch_size % per_step:
             raise ConfigError(f"optim.batch_size: must be a multiple of optim.micro_batch_size × num_workers "

@@ -278,6 +278,8 @@ def train_loop_per_worker(config: dict) -> None:
                                f"{state['num_examples']} examples, now {total_steps} over {len(examples)}); "
                                "use another run name")
         start_step = state["global_step"]
+        if rank == 0:
+            print(f"rl_agents.train: resuming {run_dir} at step {start_step} (checkpoint {ckpt_dir.name})", flush=True)
     ref_mode, t_ref, c_ref = config["ref"], time.perf_counter(), time.process_time()
     if objective.paired and reference is None:
         if isinstance(ref_mode, (list, tuple)):

@@ -378,9 +378,15 @@ def test_group_weight_update_reaches_every_worker(ray_session, policy_dir, tmp_p
         group.release_cache()  # what algorithms do before training; the workers go on
         group.update_weights(str(tmp_path / "ckpt"))
         after = group.check_weight_sync(trainer)
+        versions = [t.metadata["weights_version"] for t in group.run(make_tasks([f"train-{i}" for i in range(4)]))]
         group._restart(1)
         after_restart = group.check_weight_sync(trainer)
+        trajs = group.run(make_tasks([f"train-{i}" for i in range(4)]))
     assert before > 1e-2, before
+    # Provenance: which worker, on which node, with which weights (0 = the starting policy, 1 = the update).
+    assert versions == [1, 1, 1, 1] and [t.metadata["weights_version"] for t in trajs] == [1, 1, 1, 1]
+    assert sorted(t.metadata["worker"] for t in trajs) == [0, 0, 1, 1]
+    assert {t.metadata["node_id"] for t in trajs} == {ray_session.get_runtime_context().get_node_id()}
     assert after < 1e-4 and after_restart < 1e-4, (after, after_restart)
 
 

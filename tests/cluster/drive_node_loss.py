@@ -1,0 +1,38 @@
+"""Cluster test driver: rollouts over two nodes while the test kills one of them. Writes a marker
+file after the first results (the test then kills the node) and prints one JSON line."""
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from rl_agents.rollout import make_tasks
+from rl_agents.rollout_group import RolloutSection
+
+
+def main(marker: str, n_tasks: int) -> None:
+    import ray
+
+    ray.init()
+    section = RolloutSection(num_workers=2, envs_per_worker=2, max_new_tokens=24, max_context=1024)
+    group = section.make_group("tiny-llama", "rl_agents/TextShop-v0", progress=False)
+    tasks = make_tasks(group.list_tasks("train")[:n_tasks], seed=0)
+    nodes_at_start = sorted({i["node_id"] for i in group.worker_info})
+    seen, rows = Counter(), []
+    for traj in group.iter_results(tasks):
+        key = (traj.task_id, traj.metadata["sample_index"])
+        seen[key] += 1
+        rows.append({"node_id": traj.metadata["node_id"], "worker": traj.metadata["worker"],
+                     "error": traj.metadata.get("error")})
+        if len(rows) == 4:
+            Path(marker).write_text("go")
+    out = {"nodes": {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}, "nodes_at_start": nodes_at_start, "rows": rows, "wanted": len(tasks),
+           "returned": sum(seen.values()), "distinct": len(seen),
+           "missing": len({(t.task_id, t.sample_index) for t in tasks} - set(seen)),
+           "restarts": group.total_restarts, "retired": group.retired, "live": group.live()}
+    group.shutdown()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
