@@ -277,6 +277,7 @@ class Algorithm:
             env = self.config.env
             kwargs = {**env.env_kwargs, **({"max_turns": env.max_turns} if env.max_turns else {})}
             self._group = self.config.rollout.make_group(self.policy, env.env_id, env_kwargs=kwargs)
+            self._group.check_updates_reach(self.run_dir)  # multi-node: fail now, not at the first update
         return self._group
 
     def segmenter(self):

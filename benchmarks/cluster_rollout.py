@@ -1,6 +1,6 @@
 """Rollouts on a two-node Ray cluster vs one node: what adding a machine buys an env-bound load.
 
-    python benchmarks/cluster_rollout.py                    # ~10 min on 2 CPU cores
+    python benchmarks/cluster_rollout.py                    # ~4 min on 2 CPU cores
     python benchmarks/cluster_rollout.py --episodes 32 --warmup 30 --repeats 1
 
 A real cluster on this machine (`rl_agents.local_cluster.LocalCluster`): a head and a worker node,
@@ -48,7 +48,7 @@ def drive(args) -> dict:
     runs = []
     for rep in range(args.repeats):  # alternate: a neighbour's load hits both alike
         for n in (1, 2):
-            with RolloutGroup(spec, cfg, num_workers=n, num_cpus=1, chunk_size=1, scheduling="SPREAD",
+            with RolloutGroup(spec, cfg, num_workers=n, num_cpus=1, chunk_size=args.chunk, scheduling="SPREAD",
                               progress=False) as group:
                 task_ids = group.list_tasks("train")[::3]  # a mix of task types
                 warm = n * args.warmup
@@ -72,10 +72,11 @@ def drive(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env", default="rl_agents/ScienceWorld-v0")
-    p.add_argument("--episodes", type=int, default=64)
+    p.add_argument("--episodes", type=int, default=160)
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=4, help="tasks per streaming call to a worker")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.driver:
@@ -90,12 +91,16 @@ def main() -> None:
     with LocalCluster(workers=1, cpus_per_node=1) as cluster:
         result.update(isolated_nodes=cluster.isolate, cluster_start_s=time.perf_counter() - t0)
         cmd = [sys.executable, __file__, "--driver", *sys.argv[1:]]
-        proc = subprocess.run(cmd, env=cluster.env(), stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        lines = proc.stdout.splitlines()
-        print("\n".join(line for line in lines if not line.startswith("RESULT ")), flush=True)
-        if proc.returncode or not lines or not lines[-1].startswith("RESULT "):
+        proc = subprocess.Popen(cmd, env=cluster.env(), stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        last = ""
+        for line in proc.stdout:  # the driver's progress lines as they come
+            if line.startswith("RESULT "):
+                last = line
+            else:
+                print(line, end="", flush=True)
+        if proc.wait() or not last:
             sys.exit(f"driver failed (rc {proc.returncode})")
-        result.update(json.loads(lines[-1][len("RESULT "):]))
+        result.update(json.loads(last[len("RESULT "):]))
     runs = result["runs"]
     for n in (1, 2):  # the least-disturbed run of each
         result[f"nodes_{n}"] = max((r for r in runs if r.get("nodes") == n), key=lambda r: r["episodes_per_s"])

@@ -106,6 +106,29 @@ class RolloutGroup:
                     "rollout.object_store_weights_mb (docs/cluster.md)")
         return weights
 
+    def check_updates_reach(self, directory: str | Path, key: str = "run_dir") -> None:
+        """At the start of a run whose new policies will be written under `directory` (`key` names
+        the setting): on a multi-node cluster, policies the size of the current one that go by
+        path (over `object_store_weights_bytes`) need `directory` readable on every node. Raise
+        `ConfigError` now, not at the first update hours later."""
+        from rl_agents.cluster import dir_bytes
+        from rl_agents.models import resolve_model
+
+        if not multi_node():
+            return
+        size = self.initial.nbytes if self.initial is not None else dir_bytes(resolve_model(self.engine.model))
+        if size <= self.object_store_weights_bytes:
+            return
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        missing = unreadable_nodes(directory)
+        if missing:
+            raise ConfigError(
+                f"{key}: {directory} is not readable on {len(missing)} node(s) of the cluster (e.g. node "
+                f"{missing[0][:12]}), and this run's policies ({size / 2**20:.0f} MB, over "
+                f"rollout.object_store_weights_mb={self.object_store_weights_bytes // 2**20}) reach the rollout workers "
+                f"by path: put {key} on storage every node mounts (NFS, a mounted bucket), or raise "
+                "rollout.object_store_weights_mb (docs/cluster.md)")
+
     def _spawn(self, index: int):
         opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": 0}
         if self.placement_group is not None:

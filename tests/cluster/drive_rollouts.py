@@ -53,6 +53,11 @@ def main(scratch: str) -> None:
         out["update_error"] = None
     except ConfigError as e:
         out["update_error"] = str(e)
+    try:  # a run that will write its policies to this node's scratch: refused at its start
+        group.check_updates_reach(Path(scratch) / "run")
+        out["run_error"] = None
+    except ConfigError as e:
+        out["run_error"] = str(e)
     group.shutdown()
     print("RESULT " + json.dumps(out), flush=True)
 

@@ -86,6 +86,9 @@ def test_rollouts_spread_over_the_nodes_and_weights_reach_a_node_without_the_dri
     if cluster.isolate:  # too big for the object store and unreadable on w1: refused before any work
         for key in ("start_error", "update_error"):
             assert out[key] and "rollout.object_store_weights_mb=0" in out[key] and "cannot read it" in out[key]
+        # ... and a run that would write such policies to a node-local run_dir fails at its start.
+        assert out["run_error"].startswith(f"run_dir: {cluster.scratch / 'run'} is not readable on 1 node(s)")
+        assert "rollout.object_store_weights_mb=0" in out["run_error"]
 
 
 def _job(cluster: LocalCluster, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
