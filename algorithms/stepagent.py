@@ -52,7 +52,7 @@ def inspect_steps(algo: Algorithm, practice_samples: int, max_steps_per_task: in
     from rl_agents.tokenization import tokenize_rollout_turns
 
     seg, r = algo.segmenter(), algo.config.rollout
-    workers = algo.group().workers
+    workers = [w for w in algo.group().workers if w is not None]  # not the retired ones (their node died)
     waves: list[list[list[tuple[int, Trajectory, StepPrompt, list[int]]]]] = [[] for _ in workers]
     index = 0
     for t, expert in enumerate(algo.experts().values()):

@@ -10,7 +10,7 @@ then work on (prefix, action) sequences.
 
 1. inspection (generation): the prefixes x samples, greedy, by one HF engine (a fresh one per
    schedule), as ONE call of everything (the schedule before waves) and through
-   `algorithms.step_dpo.inspect_steps` (waves by step: prefix k + 1 prefilled past prefix k).
+   `algorithms.stepagent.inspect_steps` (waves by step: prefix k + 1 prefilled past prefix k).
 2. discriminator features (StepAgent-inverse, no grad): the expert action and the samples of
    every prefix as whole sequences in length-sorted batches (`action_features`, the old way) and
    through `algorithms.step_gail.sequence_features` (one forward per prefix, its KV reused for
@@ -63,7 +63,7 @@ def bench_inspection(args, experts, model) -> dict:
 
     from rl_agents.rollout_group import RolloutSection
     from algorithms.data import step_prefixes
-    from algorithms.step_dpo import inspect_steps
+    from algorithms.stepagent import inspect_steps
     from rl_agents.engines.base import SamplingParams
     from rl_agents.engines.hf import HFEngine
     from rl_agents.ray_utils import init_ray

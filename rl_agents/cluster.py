@@ -79,30 +79,39 @@ def _read_probe(path: str, name: str | None) -> str:
         return "missing"
 
 
-def unreadable_nodes(path: str | Path) -> list[str]:
-    """The alive nodes (ids) that do not see `path` as this process does: a probe file written
-    here (where `path` is a writable directory; else its listing and sizes), read back by one
-    zero-CPU task pinned to each other node."""
+def unreadable_nodes(path: str | Path, *, probe: bool = True) -> list[str]:
+    """The alive nodes (ids) that do not see `path` as this process does, asked by one zero-CPU task
+    pinned to each other node: a probe file written here and read back (where `path` is a writable
+    directory and `probe`), else the top-level names and sizes (for read-only trees, and for model
+    directories that each node may hold its own copy of). A node that cannot be asked (it died or
+    is draining meanwhile) is left out."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    path = str(Path(path).resolve())
-    probe = expected = None
-    if Path(path).is_dir() and os.access(path, os.W_OK):
-        probe, expected = f".rl_agents-probe-{secrets.token_hex(6)}", secrets.token_hex(8)
-        (Path(path) / probe).write_text(expected)
+    path = os.path.abspath(path)  # not resolve(): other nodes get the path the user gave, symlinks and all
+    name = expected = None
+    if probe and Path(path).is_dir() and os.access(path, os.W_OK):
+        name, expected = f".rl_agents-probe-{secrets.token_hex(6)}", secrets.token_hex(8)
+        (Path(path) / name).write_text(expected)
     try:
         if expected is None:
             expected = _signature(path)
         here = node_id()
         others = [n["NodeID"] for n in alive_nodes() if n["NodeID"] != here]
         check = ray.remote(num_cpus=0)(_read_probe)
-        seen = ray.get([check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
-                        .remote(path, probe) for n in others])
-        return [n for n, s in zip(others, seen, strict=True) if s != expected]
+        refs = {n: check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(path, name)
+                for n in others}
+        blind = []
+        for n, ref in refs.items():
+            try:
+                if ray.get(ref, timeout=120) != expected:
+                    blind.append(n)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue
+        return blind
     finally:
-        if probe is not None:
-            (Path(path) / probe).unlink(missing_ok=True)
+        if name is not None:
+            (Path(path) / name).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,7 @@ class Weights:
         is at most `max_bytes`; else by path."""
         import ray
 
-        path = str(Path(path).resolve())
+        path = os.path.abspath(path)
         nbytes = dir_bytes(path)
         if not multi_node() or nbytes > max_bytes:
             return cls(path, version, node_id(), None, "", nbytes)
@@ -159,7 +168,7 @@ class Weights:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(data)
             os.replace(tmp, dst)  # atomic; another worker of this node may have won the race
-        except OSError:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if not dst.is_dir():
                 raise

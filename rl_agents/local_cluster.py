@@ -39,9 +39,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# GCS health checks every second, a node dead after 3 missed: a killed node is noticed in ~5 s, not 30+.
+# GCS health checks every second, a node dead after 5 missed (2 s each): a killed raylet is noticed in
+# ~5-10 s, not Ray's ~15-30 s; lenient enough that a busy 2-core box does not lose a healthy node.
 FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-                      "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+                      "RAY_health_check_timeout_ms": "2000", "RAY_health_check_failure_threshold": "5"}
 
 
 @dataclass
@@ -85,6 +86,7 @@ class LocalCluster:
         self.scratch = self.root / "scratch"
         self.scratch.mkdir()
         self.nodes: dict[str, Node] = {}
+        self._namespaces: list[tuple[str, str]] = []
         self.bridge: str | None = None
         self.subnet = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250)}"
         self.head_ip = f"{self.subnet}.1" if self.isolate else "127.0.0.1"
@@ -137,6 +139,7 @@ class LocalCluster:
         netns = veth = None
         if self.isolate:
             netns, veth = f"rlc{self.id}{name}", f"rlc{self.id}{name}"
+            self._namespaces.append((netns, veth))  # removed by stop() even if this node never starts
             _run("ip", "netns", "add", netns)
             _run("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}p")
             _run("ip", "link", "set", f"{veth}p", "netns", netns)
@@ -253,6 +256,10 @@ class LocalCluster:
         for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
             self._stop_node(name)
         self._kill_strays()
+        for netns, veth in self._namespaces:
+            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        self._namespaces = []
         if self.bridge:
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
             self.bridge = None

@@ -163,8 +163,8 @@ class RolloutWorker:
             path = str(weights)
         self.engine.update_weights(path)
         self.weights_version = self.weights_version + 1 if version is None else version
-        if previous != path and previous != getattr(self.engine, "base_path", None):
-            discard_local_copy(previous)
+        if previous is not None and str(previous) not in (path, str(getattr(self.engine, "base_path", ""))):
+            discard_local_copy(str(previous))  # never the copy the engine was built from (LoRA merges into it)
         return path
 
     def release_cache(self) -> int:

@@ -138,14 +138,13 @@ class RolloutGroup:
                 self.placement_group, placement_group_bundle_index=index)
         elif self.scheduling:
             opts["scheduling_strategy"] = self.scheduling
-        actor = self._actor_cls.options(**opts).remote(self.engine, self.config, index, self.initial)
-        if self.weights is not None:  # a restarted worker must not roll out with stale weights
-            actor.update_weights.remote(self.weights)
-        return actor
+        return self._actor_cls.options(**opts).remote(self.engine, self.config, index, self.initial)
 
     def _restart(self, index: int) -> None:
-        """Replace dead worker `index`; retire it instead when its node died and no other node has
-        room for it (its tasks then go to the surviving workers)."""
+        """Replace dead worker `index` and wait until it is up with the latest weights (at most
+        `start_timeout_s`); retire it instead when its node died and no other node has room, or
+        when the new one does not come up (its tasks then go to the surviving workers). The last
+        worker is never retired: then the error is raised."""
         import ray
 
         self.restarts += 1
@@ -153,22 +152,31 @@ class RolloutGroup:
         if self.restarts > self.max_restarts:
             raise RuntimeError(f"rollout workers died {self.restarts} times in one call (max_restarts={self.max_restarts})")
         ray.kill(self.workers[index], no_restart=True)
-        info = self.worker_info[index]
-        if isinstance(info, ray.ObjectRef):  # a restarted worker: where did it run?
-            try:
-                info = ray.get(info, timeout=1)
-            except Exception:  # noqa: BLE001 (it died before it was ready: its node is unknown)
-                info = {}
-        node = info.get("node_id")
-        if self.placement_group is None and len(self.live()) > 1 and not self._room_or_alive(node):
-            self.workers[index] = None
-            self.retired.append(index)
-            logger.warning("rollout worker %d: its node %s is gone and no node has room for it; going on with %d "
-                           "workers", index, (node or "?")[:12], len(self.live()))
+        node = self.worker_info[index].get("node_id")
+        last = len(self.live()) == 1
+        if self.placement_group is None and not last and not self._room_or_alive(node):
+            self._retire(index, f"its node {(node or '?')[:12]} is gone and no node has room for it")
             return
-        self.workers[index] = self._spawn(index)
-        self.worker_info[index] = self.workers[index].ready.remote()  # resolved when next needed
+        actor = self.workers[index] = self._spawn(index)
+        calls = [actor.ready.remote()]
+        if self.weights is not None:  # a restarted worker must not roll out with stale weights
+            calls.append(actor.update_weights.remote(self.weights))
+        try:
+            self.worker_info[index] = ray.get(calls, timeout=self.start_timeout_s)[0]
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
+            ray.kill(actor, no_restart=True)
+            if last:
+                raise RuntimeError(f"rollout worker {index} could not be restarted: {type(e).__name__}: {e}") from None
+            self._retire(index, f"its replacement did not start within {self.start_timeout_s:.0f} s "
+                                f"({type(e).__name__})")
 
+    def _retire(self, index: int, why: str) -> None:
+        self.workers[index] = None
+        self.retired.append(index)
+        logger.warning("rollout worker %d: %s; going on with %d workers", index, why, len(self.live()))
+
+    start_timeout_s = 900.0
+    """How long a restarted worker may take to start (load its model, fetch its weights)."""
     node_check_s = 20.0
     """How long a worker death waits for the GCS to say whether the worker's node died with it
     (Ray's default health checks notice a lost node in ~15 s)."""
@@ -222,7 +230,7 @@ class RolloutGroup:
                      desc: str = "rollout") -> Iterator[Trajectory]:
         """Yield each trajectory once, as soon as its episode ends (any order)."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ObjectLostError, RayActorError
         from tqdm import tqdm
 
         wanted = {self._key(t): t for t in tasks}
@@ -258,8 +266,8 @@ class RolloutGroup:
                     del inflight[gen]
                     submit(index)
                     continue
-                except RayActorError as e:
-                    # The worker died: what it had not returned yet, of this chunk and of its other one.
+                except (RayActorError, ObjectLostError) as e:
+                    # The worker died (or its node, with results it had not handed over yet): what it had not returned yet, of this chunk and of its other one.
                     lost = [t for g, (w, p) in list(inflight.items()) if w == index for t in p.values()]
                     for g in [g for g, (w, _) in inflight.items() if w == index]:
                         del inflight[g]
@@ -294,19 +302,17 @@ class RolloutGroup:
     def update_weights(self, path: str | Path) -> None:
         """Load a checkpoint dir or LoRA adapter dir into every engine (and into restarted ones): by
         path, or through the object store on a multi-node cluster (`rl_agents.cluster.Weights`)."""
-        import ray
 
         version = (self.weights.version if self.weights is not None else 0) + 1
         self.weights = self._publish(path, version)
-        ray.get([self.workers[i].update_weights.remote(self.weights) for i in self.live()])
+        self._on_all(lambda w: w.update_weights.remote(self.weights))  # a restarted worker loads them too
 
     def release_cache(self) -> None:
         """Every engine frees what it keeps between calls (the HF prefix cache: up to K episodes x
         max_context of KV per worker). The algorithms call it before each training phase, while
         the actors stay up beside the trainer."""
-        import ray
 
-        ray.get([self.workers[i].release_cache.remote() for i in self.live()])
+        self._on_all(lambda w: w.release_cache.remote())
 
     def check_weight_sync(self, model, prompts: Sequence[Sequence[int]] | None = None,
                           max_new_tokens: int = 8) -> float:
@@ -315,15 +321,31 @@ class RolloutGroup:
         `model` is the trainer-side policy (an HF causal LM, possibly peft). ~1e-5 in fp32 when
         every engine runs the same weights; a stale engine shows up as a gap of ~1e-1 or more.
         """
-        import ray
 
         from rl_agents.models import load_tokenizer
 
         if prompts is None:
             prompts = sync_probe_prompts(load_tokenizer(self.engine.model))
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-        gens = ray.get([self.workers[i].generate.remote(prompts, params) for i in self.live()])
+        gens = self._on_all(lambda w: w.generate.remote(prompts, params))
         return max(logprob_diff(model, prompts, g) for g in gens)
+
+    def _on_all(self, call: Callable[[Any], Any]) -> list:
+        """`call(worker)` -> ObjectRef on every live worker; the results. A worker that died meanwhile
+        (its node lost while the trainer ran) is restarted or retired, then called again."""
+        import ray
+        from ray.exceptions import ObjectLostError, RayActorError
+
+        refs = {i: call(self.workers[i]) for i in self.live()}
+        results = {}
+        for i, ref in refs.items():
+            try:
+                results[i] = ray.get(ref)
+            except (RayActorError, ObjectLostError):
+                self._restart(i)
+                if self.workers[i] is not None:
+                    results[i] = ray.get(call(self.workers[i]))
+        return [results[i] for i in sorted(results)]
 
     def shutdown(self) -> None:
         import ray

@@ -35,7 +35,6 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rl_agents.fileio import atomic_write_text, read_utf8  # noqa: F401  (atomic_write_text: re-exported)

@@ -155,7 +155,7 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
     model_dir = os.path.abspath(resolve_model(cfg.model.path))
     init_ray()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **cfg.resources_per_worker}
-    resources.update(_pin_to_driver_node(storage, model_dir))
+    resources.update(_pin_to_driver_node(cfg, storage, model_dir))
     loop_config = {"cfg": cfg, "objective": objective, "data": ray.put(list(data)), "ref": ref_mode,
                    "run_dir": str(run_dir), "model_dir": model_dir, "write_fault": os.environ.get(WRITE_FAULT_ENV)}
     _set_aside_torn_snapshot(run_dir)
@@ -199,19 +199,31 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
     return TrainResult(checkpoint_path=str(final), metrics=last, history=history, run_dir=str(run_dir))
 
 
-def _pin_to_driver_node(storage: str, model_dir: str) -> dict[str, float]:
+def _pin_to_driver_node(cfg: TrainConfig, storage: str, model_dir: str) -> dict[str, float]:
     """On a multi-node cluster where some node cannot read the storage path or the model (a node-local
     run directory), the workers' extra resource that keeps them on this (the driver's) node, where
-    both are; {} otherwise."""
+    both are; {} otherwise. `ConfigError` if that node cannot hold them."""
     from rl_agents.cluster import alive_nodes, multi_node, node_id, unreadable_nodes
+    from rl_agents.config import ConfigError
+    from rl_agents.models import MODEL_ALIASES
 
     if not multi_node():
         return {}
     os.makedirs(storage, exist_ok=True)
-    blind = set(unreadable_nodes(storage)) | set(unreadable_nodes(model_dir))
+    blind = set(unreadable_nodes(storage))
+    if str(cfg.model.path).lower() not in MODEL_ALIASES:  # an alias is built on every node from the package
+        blind |= set(unreadable_nodes(model_dir, probe=False))
     if not blind:
         return {}
-    ip = next(n["NodeManagerAddress"] for n in alive_nodes() if n["NodeID"] == node_id())
+    node = next(n for n in alive_nodes() if n["NodeID"] == node_id())
+    ip, has = node["NodeManagerAddress"], node.get("Resources", {})
+    need = {"CPU": cfg.cpus_per_worker * cfg.num_workers, "GPU": cfg.num_workers if cfg.use_gpu else 0}
+    short = [k for k, v in need.items() if v and has.get(k, 0) < v]
+    if short:
+        raise ConfigError(
+            f"train.storage_path: {storage} (or the model {model_dir}) is not readable on {len(blind)} node(s), so "
+            f"training must run on the driver's node {ip}, which has {', '.join(f'{has.get(k, 0):g} {k}' for k in short)} "
+            f"for {', '.join(f'{need[k]:g} {k}' for k in short)}: put run_dir on storage every node mounts (docs/cluster.md)")
     logger.info("train: %d node(s) cannot read %s or %s; training workers stay on the driver's node %s "
                 "(put train.storage_path on shared storage to let them go anywhere)", len(blind), storage, model_dir, ip)
     return {f"node:{ip}": 0.001}

@@ -83,7 +83,7 @@ def test_inspection_waves_reuse_each_prefix_and_keep_the_order():
 
     from rl_agents.rollout_group import RolloutSection
     from algorithms.data import step_prefixes
-    from algorithms.step_dpo import inspect_steps
+    from algorithms.stepagent import inspect_steps
     from rl_agents.engines.hf import HFEngine
     from rl_agents.experts import iter_expert_trajectories
     from rl_agents.models import load_tokenizer, tiny_llama_dir
