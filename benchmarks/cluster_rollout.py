@@ -1,6 +1,6 @@
 """Rollouts on a two-node Ray cluster vs one node: what adding a machine buys an env-bound load.
 
-    python benchmarks/cluster_rollout.py                    # ~4 min on 2 CPU cores
+    python benchmarks/cluster_rollout.py                    # ~6 min on 2 CPU cores
     python benchmarks/cluster_rollout.py --episodes 32 --warmup 30 --repeats 1
 
 A real cluster on this machine (`rl_agents.local_cluster.LocalCluster`): a head and a worker node,
@@ -10,7 +10,7 @@ process runs a `RolloutGroup` of 1 worker (one node) and of 2 workers (spread: o
 alternating, on ScienceWorld (the real Java simulator) with a scripted policy (no model: the
 load is the env). Each group first runs `--warmup` untimed episodes per worker (a fresh JVM
 JIT-compiles on a second core for its first ~15 s of stepping). Reports episodes/s for each, the
-ratio (goal >= 1.6x), the nodes the 2-worker run used (from the trajectories' `node_id`), and the
+ratio of the best run of each (goal >= 1.6x) and each repeat's paired ratio, the nodes the 2-worker run used (from the trajectories' `node_id`), and the
 machine's parallelism at that moment (2 busy processes / 1: the ceiling on a shared box).
 The last line of output is one JSON object with every number.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -75,8 +76,8 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=160)
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--warmup", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=4, help="tasks per streaming call to a worker")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=8, help="tasks per streaming call to a worker")
     p.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.driver:
@@ -106,6 +107,11 @@ def main() -> None:
         result[f"nodes_{n}"] = max((r for r in runs if r.get("nodes") == n), key=lambda r: r["episodes_per_s"])
     result["machine_parallelism"] = max(r["machine_parallelism"] for r in runs if "machine_parallelism" in r)
     result["speedup"] = result["nodes_2"]["episodes_per_s"] / result["nodes_1"]["episodes_per_s"]
+    ones, twos = ([r["episodes_per_s"] for r in runs if r.get("nodes") == n] for n in (1, 2))
+    result["paired_speedups"] = [b / a for a, b in zip(ones, twos)]  # each repeat's 2-node run ÷ its 1-node run
+    result["median_paired_speedup"] = statistics.median(result["paired_speedups"])
+    print(f"  -> paired (each repeat): {', '.join(f'{x:.2f}x' for x in result['paired_speedups'])}; "
+          f"median {result['median_paired_speedup']:.2f}x", flush=True)
     print(f"  -> 2 nodes / 1 node: {result['speedup']:.2f}x episodes/s ({result['nodes_2']['episodes_per_s']:.2f} vs "
           f"{result['nodes_1']['episodes_per_s']:.2f}; 2 nodes used {result['nodes_2']['node_ips']}; machine "
           f"parallelism {result['machine_parallelism']:.2f}x)", flush=True)
