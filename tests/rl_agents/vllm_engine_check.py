@@ -7,7 +7,7 @@ import sys
 import time
 
 
-def main(model: str, prompts_json: str) -> None:
+def main(model: str, prompts_json: str, full: str, adapter: str) -> None:
     from rl_agents.engines.base import SamplingParams
     from rl_agents.engines.vllm import VLLMEngine
 
@@ -26,8 +26,21 @@ def main(model: str, prompts_json: str) -> None:
     out["sampled"] = gens(sampled)
     out["sampled_again"] = gens(sampled)
     out["sampled_other_seed"] = gens(SamplingParams(temperature=0.7, max_new_tokens=16, stop_token_ids=(stop,), seed=7))
+    # A full-weight update (the CPU default: recreate the engine from the new checkpoint).
+    t0 = time.perf_counter()
+    engine.update_weights(full)
+    out["reload_s"] = time.perf_counter() - t0
+    out["after_full"] = gens(greedy)
+    engine.sleep()
+    engine.sleep()  # says so once
+    engine.close()
+    # A LoRA adapter update: a fresh LoRARequest on an engine made with enable_lora.
+    engine = VLLMEngine(model, dtype="float32", device="cpu", enable_lora=True, max_lora_rank=8, enforce_eager=True,
+                        kv_cache_memory_bytes=512 * 2**20)
+    engine.update_weights(adapter)
+    out["after_lora"] = gens(greedy)
     print("RESULT " + json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard is required
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:5])
