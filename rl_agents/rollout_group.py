@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rl_agents.cluster import Weights, is_alive, multi_node, unreadable_nodes
+from rl_agents.cluster import Weights, is_alive, multi_node, node_id, unreadable_nodes
 from rl_agents.config import ConfigError
 from rl_agents.engines import EngineSpec, SamplingParams, logprob_diff, sync_probe_prompts
 from rl_agents.ray_utils import init_ray
@@ -182,25 +182,29 @@ class RolloutGroup:
     (Ray's default health checks notice a lost node in ~15 s)."""
 
     def _room_or_alive(self, node: str | None) -> bool:
-        """True as soon as the cluster has room for a new worker, or `node` (the dead worker's) turns
-        out alive after `node_check_s` (a crashed worker, not a lost machine: respawn); False when
-        the node died and no node has room."""
+        """Whether to replace a dead worker (True) or retire it (False). One node, or the driver's
+        node: replace. Otherwise ask the worker's node (a zero-CPU task pinned to it): if it answers,
+        the worker crashed on a healthy node: replace. If not, the node is lost: wait up to
+        `node_check_s` for the GCS to declare it dead (its resources then leave the totals; until
+        then a dead node's freed CPUs look like room), and replace only if the rest of the
+        cluster has room; a node that neither answers nor is declared dead is treated as lost."""
         import time
 
         import ray
 
+        if node is None or not multi_node() or node == node_id() or _node_answers(node, self.node_answer_s):
+            return True
         deadline = time.monotonic() + self.node_check_s
-        while True:
-            free = ray.available_resources()
-            if free.get("CPU", 0) >= self.num_cpus and free.get("GPU", 0) >= self.num_gpus:
-                return True
-            if node is not None and not is_alive(node):
-                time.sleep(1)  # the resources of a dead node leave the totals with it: look once more
-                free = ray.available_resources()
-                return free.get("CPU", 0) >= self.num_cpus and free.get("GPU", 0) >= self.num_gpus
+        while is_alive(node):
             if time.monotonic() >= deadline:
-                return True
+                return False
             time.sleep(0.5)
+        time.sleep(1)  # the dead node's resources leave the cluster's totals
+        free = ray.available_resources()
+        return free.get("CPU", 0) >= self.num_cpus and free.get("GPU", 0) >= self.num_gpus
+
+    node_answer_s = 5.0
+    """How long a worker death waits for its node to answer a zero-CPU task before it suspects the node."""
 
     def live(self) -> list[int]:
         """Indices of the workers in service."""
@@ -364,6 +368,30 @@ class RolloutGroup:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _node_answers(node: str, timeout: float) -> bool:
+    """Whether `node`'s raylet runs a zero-CPU task pinned to it within `timeout` seconds."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ref = ray.remote(num_cpus=0)(_pid).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+    try:
+        ray.get(ref, timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001 (timeout, or the node died meanwhile)
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001
+            pass
+        return False
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
 
 
 def _traj_key(traj: Trajectory) -> tuple[str, str, int]:

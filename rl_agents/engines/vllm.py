@@ -8,8 +8,8 @@ and sampled at T = 0.7 in the default `raw` mode); greedy output identical to th
 4 of 4 prompts; stop-token trimming; per-seed repeatable sampling. Also tested there: a LoRA adapter
 update (`LoRARequest`, log-probs of the merged model), a full-weight update (`reload="recreate"`,
 the CPU default; tied embeddings changed too) and `sleep()` saying once that it frees nothing on
-CPU. Not yet exercised: the `processed` log-prob mode, vLLM inside the rollout actors, and every
-GPU path (the in-place `rpc` reload, sleep mode, CUDA, NCCL, tensor parallelism).
+CPU, and `logprobs_mode="processed"` giving the tempered distribution. Not yet exercised: vLLM
+inside the rollout actors, and every GPU path (the in-place `rpc` reload, sleep mode, CUDA, NCCL, tensor parallelism).
 
 What it uses, and why:
 * `LLM(model=..., dtype=..., enable_lora=..., logprobs_mode=..., worker_extension_cls=...)`

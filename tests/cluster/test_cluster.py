@@ -173,8 +173,9 @@ def test_ray_job_stop_ends_the_run_cleanly_and_the_same_job_resumes(cluster):
     _job(cluster, "stop", job_id)
     assert _status(cluster, job_id) == "STOPPED"
     deadline = time.time() + 60
-    # Ray's own cluster-wide actors stay (each job's supervisor; Ray Train's detached autoscaling coordinator).
-    ray_own = ("JobSupervisor", "_AutoscalingCoordinatorActor")
+    # Ray's own actors may stay a while: job supervisors, Ray Train's detached autoscaling coordinator and
+    # the placement-group cleaner it leaves to tidy up after a dead driver.
+    ray_own = ("JobSupervisor", "_AutoscalingCoordinatorActor", "PlacementGroupCleaner")
     while (left := [a for a in _alive_actors(cluster) if a not in ray_own]) and time.time() < deadline:
         time.sleep(2)
     assert left == [], left  # no rollout worker, trainer or controller left behind
@@ -188,7 +189,7 @@ def test_ray_job_stop_ends_the_run_cleanly_and_the_same_job_resumes(cluster):
 
 def test_a_node_lost_mid_rollout_loses_no_task_and_repeats_none(cluster):
     marker = cluster.root / "rollout-marker"
-    proc = subprocess.Popen([sys.executable, str(HERE / "drive_node_loss.py"), str(marker), "30"], env=cluster.env(),
+    proc = subprocess.Popen([sys.executable, str(HERE / "drive_node_loss.py"), str(marker), "45"], env=cluster.env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         deadline = time.time() + 300
@@ -201,12 +202,12 @@ def test_a_node_lost_mid_rollout_loses_no_task_and_repeats_none(cluster):
         proc.kill()
     out = _result(stdout, proc.returncode, stderr)
     assert len(out["nodes_at_start"]) == 2
-    assert out["returned"] == out["distinct"] == out["wanted"] == 30 and out["missing"] == 0
+    assert out["returned"] == out["distinct"] == out["wanted"] == 45 and out["missing"] == 0
     assert not [r for r in out["rows"] if r["error"]]
     # The cluster was full: the worker lost with w1 is retired, the two on the head finish the work.
     names = _ips(cluster, out["nodes"])
     assert out["restarts"] == 1 and len(out["retired"]) == 1 and len(out["live"]) == 2
-    assert "w1" in {names[r["node_id"]] for r in out["rows"][:6]}
+    assert "w1" in {names[r["node_id"]] for r in out["rows"]}
     assert {names[r["node_id"]] for r in out["rows"][-10:]} == {"head"}
     cluster.add_node()  # a replacement, for the tests that follow
 

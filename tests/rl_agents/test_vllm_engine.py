@@ -117,3 +117,24 @@ def test_vllm_weight_updates_reach_the_log_probs_full_and_lora(vllm_run):
 def test_vllm_sleep_says_once_that_it_frees_nothing_on_cpu(vllm_run):
     stderr = vllm_run[3]["stderr"]
     assert stderr.count("vLLM sleep mode is not supported on CPU: sleep() frees nothing") == 1
+
+
+def test_vllm_processed_log_probs_are_the_tempered_distributions(vllm_run):
+    """`logprobs_mode='processed'` at T = 0.7: log softmax(logits / 0.7) of the trainer, not the raw one."""
+    import torch
+
+    from rl_agents.models import load_model
+
+    model, prompts, _, out, _, _ = vllm_run
+    trainer = load_model(model)
+    worst_tempered = worst_raw = 0.0
+    for prompt, g in zip(prompts, out["processed"]):
+        ids = torch.tensor([prompt + g["ids"]])
+        with torch.no_grad():
+            logits = trainer(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        target = ids[0, len(prompt):, None]
+        tempered = torch.log_softmax(logits / 0.7, -1).gather(-1, target).squeeze(-1).tolist()
+        raw = torch.log_softmax(logits, -1).gather(-1, target).squeeze(-1).tolist()
+        worst_tempered = max([worst_tempered] + [abs(a - b) for a, b in zip(tempered, g["lps"])])
+        worst_raw = max([worst_raw] + [abs(a - b) for a, b in zip(raw, g["lps"])])
+    assert worst_tempered < 1e-3 < 1e-2 < worst_raw, (worst_tempered, worst_raw)

@@ -39,6 +39,11 @@ def main(model: str, prompts_json: str, full: str, adapter: str) -> None:
                         kv_cache_memory_bytes=512 * 2**20)
     engine.update_weights(adapter)
     out["after_lora"] = gens(greedy)
+    engine.close()
+    # logprobs_mode "processed": the log-probs of the distribution actually sampled (after temperature).
+    engine = VLLMEngine(model, dtype="float32", device="cpu", logprobs_mode="processed", enforce_eager=True,
+                        kv_cache_memory_bytes=512 * 2**20)
+    out["processed"] = gens(sampled)
     print("RESULT " + json.dumps(out), flush=True)
 
 
