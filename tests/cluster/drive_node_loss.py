@@ -14,8 +14,8 @@ def main(marker: str, n_tasks: int) -> None:
     import ray
 
     ray.init()
-    # 3 workers fill the cluster (head 2 CPUs + w1 1 CPU): the one lost with w1 has nowhere to go.
-    section = RolloutSection(num_workers=3, envs_per_worker=2, max_new_tokens=24, max_context=1024)
+    # 2 workers, spread: one on the head (2 CPUs), one on w1; the one lost with w1 is replaced on the head.
+    section = RolloutSection(num_workers=2, envs_per_worker=2, max_new_tokens=24, max_context=1024)
     group = section.make_group("tiny-llama", "rl_agents/TextShop-v0", progress=False)
     tasks = make_tasks(group.list_tasks("train")[:n_tasks], seed=0)
     nodes_at_start = sorted({i["node_id"] for i in group.worker_info})
