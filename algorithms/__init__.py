@@ -4,7 +4,8 @@
 * `algorithms.base` — `Algorithm` (explore, build data, update on Ray Train, evaluate; `fit` is
   the one driver loop) and its config sections.
 * One module per family: `imitation` (SFT, RFT), `preference` (ETO, DMPO, DPO), `step_dpo`
-  (StepAgent-implicit), `step_gail` (StepAgent-inverse), `ppo` (the PPO baseline); `stepagent`
+  (StepAgent-implicit), `step_gail` (StepAgent-inverse), `grpo` (GRPO, GiGPO), `ppo` (the PPO
+  baseline, a configuration of GRPO); `stepagent`
   holds the inspection stage both StepAgent variants share; `data` the data builders.
 * `algorithms.cli` — the `rl-agents` command; `algorithms.demo` — the main job.
 

@@ -17,6 +17,7 @@ import yaml
 
 import algorithms.preference  # noqa: F401  (registers eto, dmpo, dpo)
 import algorithms.imitation  # noqa: F401  (registers sft, rft)
+import algorithms.grpo  # noqa: F401  (registers grpo, gigpo)
 import algorithms.ppo  # noqa: F401  (registers ppo)
 import algorithms.step_dpo  # noqa: F401  (registers step_dpo)
 import algorithms.step_gail  # noqa: F401  (registers step_gail)

@@ -108,10 +108,16 @@ HPARAMS = {
     # No paper reports PPO settings (docs/papers.md): examples/ppo_textshop.yaml's, 2 iterations (there 3).
     "ppo": {"algo": "ppo", "iterations": 2, "rollout": {"temperature": 1.0, "samples_per_task": 4},
             "optim": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 2, "epochs": 1}},
+    # GRPO (DeepSeekMath §4.1) and GiGPO (Feng et al. 2025): as PPO (G = 4 episodes per task, 2 iterations,
+    # T = 1), with their own advantages and loss aggregation (examples/{grpo,gigpo}_textshop.yaml).
+    "grpo": {"algo": "grpo", "iterations": 2, "rollout": {"temperature": 1.0, "samples_per_task": 4},
+             "optim": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 2, "epochs": 1}},
+    "gigpo": {"algo": "gigpo", "iterations": 2, "rollout": {"temperature": 1.0, "samples_per_task": 4},
+              "optim": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 2, "epochs": 1}},
 }
 LABELS = {"sft": "SFT", "rft": "RFT", "dpo": "DPO (fixed pairs)", "eto": "ETO", "dmpo_noisy": "DMPO (noisy)",
           "dmpo_clean": "DMPO (clean)", "step_dpo": "StepAgent-implicit", "step_gail": "StepAgent-inverse",
-          "ppo": "PPO", "best_of_n": "Best-of-N of SFT (oracle)"}
+          "ppo": "PPO", "grpo": "GRPO", "gigpo": "GiGPO", "best_of_n": "Best-of-N of SFT (oracle)"}
 ALGOS = list(LABELS)
 SPLITS = ("test_seen", "test_unseen")
 MARK_START, MARK_END = "<!-- learning-benchmark:start -->", "<!-- learning-benchmark:end -->"
@@ -153,9 +159,18 @@ def pin_settings(env: dict, args) -> None:
         if not path.exists():
             save(current, path)
         elif (old := json.loads(path.read_text())) != current:
+            if _only_added_algorithms(old, current):  # a new algorithm's row: the old ones still hold
+                save(current, path)
+                continue
             diff = sorted(k for k in old.keys() | current.keys() if old.get(k) != current.get(k))
             sys.exit(f"{path}: results there were made with other settings (differs in {diff}); "
                      "use another --out / --records or delete that directory")
+
+
+def _only_added_algorithms(old: dict, current: dict) -> bool:
+    """`current` is `old` plus the hyperparameters of algorithms `old` did not have."""
+    rest = lambda d: {k: v for k, v in d.items() if k != "hparams"}  # noqa: E731
+    return rest(old) == rest(current) and all(current["hparams"].get(a) == hp for a, hp in old["hparams"].items())
 
 
 def rollout(env: dict, **fields) -> dict:

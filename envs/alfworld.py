@@ -431,6 +431,17 @@ class ALFWorldEnv(TextEnv):
         info = {"valid_actions": list(self._state["admissible_commands"])} if self._episode_valid else None
         return StepResult(obs, score=float(won), progress=float(won), done=won, won=won, info=info)
 
+    def state_key(self) -> str | None:
+        """A digest of the PDDL state's facts (where everything is, what is open, held, hot, ...): the
+        exact state, which "Nothing happens." and "You arrive at cabinet 1." do not tell apart. The
+        `checked(...)` marks that `look` and `inventory` set are left out: they change no outcome."""
+        if self._state is None:
+            return None
+        import hashlib
+
+        facts = sorted(s for s in map(str, self._state["_facts"]) if not s.startswith("checked("))
+        return hashlib.blake2b("\n".join(facts).encode(), digest_size=12).hexdigest()
+
     # ---- experts ---------------------------------------------------------------------------
     def expert_steps(self, task_id: str) -> list[ExpertStep]:
         """The recorded expert of `task_id` (its gt_traj.json), with templated thoughts."""

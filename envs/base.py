@@ -15,9 +15,14 @@ A `TextEnv` is a `gymnasium.Env[str, str]` with a language action space:
   everything on the last step. `info["reward_total"]` is the running sum.
 * Tasks are listed per split (`list_tasks(split)`), and `expert_steps(task_id)` gives an expert
   solution as `ExpertStep(thought, action)` where the benchmark (or a solver) provides one.
+* State keys (optional): an env whose observation text does not identify its state (ALFWorld's
+  "Nothing happens." is said in every state) returns a key of its exact current state from
+  `state_key()`; `reset` and `step` then put it in `info["state_key"]` (a string: equal keys =
+  equal states). GiGPO's step groups use it (`algorithms.grpo`); any Gymnasium env can put the
+  same info key.
 
 Subclasses implement `_reset_task`, `_step_action`, `list_tasks`, and optionally
-`expert_steps` and `max_turns_for`. The base class owns task selection, the turn budget,
+`expert_steps`, `max_turns_for` and `state_key`. The base class owns task selection, the turn budget,
 reward bookkeeping and observation sanitising (the charset and `max_length` of the `Text`
 space). A genuine env failure (a crashed simulator) propagates as an exception; the rollout
 worker restarts the env and records the episode as an error.
@@ -146,6 +151,10 @@ class TextEnv(gym.Env[str, str]):
         """The turn budget of a task (benchmarks like ScienceWorld set one per task type)."""
         return self.default_max_turns
 
+    def state_key(self) -> str | None:
+        """A key of the current state (equal keys = equal states), or None: the observation says it."""
+        return None
+
     # ---- Gymnasium API -------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -173,7 +182,13 @@ class TextEnv(gym.Env[str, str]):
                 "reward_total": 0.0, "max_turns": self._budget, **extra}
         if home is not None and home != self.split:
             info["task_split"] = home
+        self._put_state_key(info)
         return self._last_obs, info
+
+    def _put_state_key(self, info: dict[str, Any]) -> None:
+        key = self.state_key()
+        if key is not None:
+            info["state_key"] = key
 
     def _split_of(self, task_id: str) -> str | None:
         """The split listing `task_id` (this env's own first), or None; the lists are read once."""
@@ -205,6 +220,7 @@ class TextEnv(gym.Env[str, str]):
         self._last_obs = sanitize(result.observation)
         info = {"task_id": self.task_id, "score": float(result.score), "won": bool(result.won),
                 "reward_total": self._progress, "turn": self._turn, **(result.info or {})}
+        self._put_state_key(info)
         return self._last_obs, float(reward), terminated, truncated, info
 
     def render(self):

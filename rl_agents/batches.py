@@ -96,7 +96,7 @@ class PairBatch:
 
 @dataclass
 class PPOExample:
-    """One PPO training example before collation: a sequence and its per-sequence advantage.
+    """One PPO training example before collation: a sequence and its advantage.
 
     StepAgent-inverse: an expert prefix + one sampled agent action (the action is the only agent
     turn); PPO baseline: a whole explored trajectory (every agent turn). `old_logps` (per token,
@@ -104,10 +104,12 @@ class PPOExample:
     update starts from: None until the training loop precomputes them with that policy (the same
     forward as the loss, so the ratio is exactly 1 before the first optimizer step). `ref_logps`:
     optional per-token reference log-probs for the KL penalty, same alignment.
+    `advantage`: one number for every agent token of the sequence, or one per token (same
+    alignment; GiGPO gives each agent turn its own).
     """
 
     sequence: EncodedSequence
-    advantage: float
+    advantage: float | list[float]
     reward: float
     old_logps: list[float] | None = None
     ref_logps: list[float] | None = None
@@ -121,12 +123,13 @@ class PPOBatch:
     """PPO examples collated: one-step episodes (StepAgent-inverse) or whole trajectories (PPO baseline).
 
     `old_logps`/`ref_logps` are per token (B, L), aligned with `tokens.input_ids` (0 off the
-    action); `advantages` and `rewards` are per sequence (B,).
+    action); `rewards` are per sequence (B,), `advantages` too (B,), or per token (B, L) when any
+    example has per-token ones.
     """
 
     tokens: TokenBatch
     old_logps: torch.Tensor  # (B, L)
-    advantages: torch.Tensor  # (B,)
+    advantages: torch.Tensor  # (B,) or (B, L)
     rewards: torch.Tensor  # (B,)
     ref_logps: torch.Tensor | None = None  # (B, L)
 

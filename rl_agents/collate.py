@@ -111,7 +111,8 @@ def _per_token(rows: Sequence[list[float] | None], batch: TokenBatch, name: str)
 def collate_ppo(examples: Sequence[PPOExample], pad_id: int, pad_to_multiple_of: int | None = None) -> PPOBatch:
     """PPO examples -> `PPOBatch`: sequences right-padded as in `collate_sequences`, per-token
     `old_logps` (required: precompute them first) and `ref_logps` (all or none) padded with 0,
-    advantages and rewards as (B,) float32."""
+    rewards as (B,) float32, advantages too, or (B, L) when any example has per-token ones (a
+    number is then spread over its row)."""
     if not examples:
         raise ValueError("cannot collate an empty list of PPO examples")
     tokens = collate_sequences([e.sequence for e in examples], pad_id, pad_to_multiple_of)
@@ -120,7 +121,12 @@ def collate_ppo(examples: Sequence[PPOExample], pad_id: int, pad_to_multiple_of:
     if any(has_ref) and not all(has_ref):
         raise ValueError("ref_logps: give them for every example of a batch or for none")
     ref = _per_token([e.ref_logps for e in examples], tokens, "ref_logps") if all(has_ref) else None
-    advantages = torch.tensor([float(e.advantage) for e in examples], dtype=torch.float32)
+    if any(isinstance(e.advantage, (list, tuple)) for e in examples):
+        rows = [e.advantage if isinstance(e.advantage, (list, tuple)) else [float(e.advantage)] * len(e.sequence)
+                for e in examples]
+        advantages = _per_token(rows, tokens, "advantage")
+    else:
+        advantages = torch.tensor([float(e.advantage) for e in examples], dtype=torch.float32)
     rewards = torch.tensor([float(e.reward) for e in examples], dtype=torch.float32)
     return PPOBatch(tokens, old, advantages, rewards, ref)
 

@@ -25,7 +25,8 @@ before generating), 'error' (the env raised: it is closed and re-created, the ep
 recorded with `metadata["error"]`, the worker goes on).
 
 Trajectory `reward` = the env's `info["reward_total"]` (the final reward in [0, 1]), `success`
-= `info["won"]`, per-turn rewards on the agent turns.
+= `info["won"]`, per-turn rewards on the agent turns; where the env gives `info["state_key"]`,
+`metadata["state_keys"]` holds the key of the state each agent turn acted in (GiGPO's anchors).
 
 Sampling seeds: with the HF engine one seed drives a batched call; the worker derives it from
 the tasks' seeds and turn numbers of the batch, so a rerun with the same tasks, K and weights
@@ -116,6 +117,8 @@ class _Episode:
     stop_reason: str | None = None
     error: str | None = None
     generated_tokens: int = 0
+    state_keys: list = field(default_factory=list)
+    """The env's `info["state_key"]` after reset and after each step (None where it gives none)."""
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -256,6 +259,7 @@ class RolloutWorker:
             return ep
         finally:
             self.stats["env_s"] += time.perf_counter() - t0
+        ep.state_keys.append(info.get("state_key"))
         messages = initial_messages(env, obs)
         spans = self.segmenter.prompt_turn_ids(messages)  # prompt_ids(messages), one span per message
         ep.turns = [Turn(m["role"], m["content"], token_ids=list(ids)) for m, ids in zip(messages, spans, strict=True)]
@@ -278,6 +282,7 @@ class RolloutWorker:
         finally:
             self.stats["env_s"] += time.perf_counter() - t0
         ep.turns[-1].reward = float(reward)
+        ep.state_keys.append(info.get("state_key"))
         ep.reward, ep.won = float(info.get("reward_total", ep.reward + reward)), bool(info.get("won", False))
         obs_ids = list(self.segmenter.close_turn_ids(gen.token_ids)) + list(self.segmenter.observation_ids(obs))
         ep.turns.append(Turn("user", obs, token_ids=obs_ids))
@@ -296,6 +301,9 @@ class RolloutWorker:
                 "wall_s": round(time.perf_counter() - ep.started, 4)}
         if ep.error:
             meta["error"] = ep.error
+        steps = sum(t.is_agent for t in ep.turns)
+        if steps and all(k is not None for k in ep.state_keys[:steps]):  # the state each action was taken in
+            meta["state_keys"] = [str(k) for k in ep.state_keys[:steps]]
         if self.config.debug:
             meta["debug_prompts"] = ep.prompts
         return Trajectory(task_id=ep.task.task_id, env_id=self.config.env_id, turns=ep.turns, reward=ep.reward,

@@ -150,6 +150,19 @@ def test_other_settings_stop_a_run(tmp_path):
     learning.pin_settings(env, args)
     assert (tmp_path / "r/textshop/settings.json").exists()
     learning.pin_settings(env, args)  # the same settings: fine
+    # Settings pinned before an algorithm was added: still valid, rewritten with the new one's row.
+    pinned = tmp_path / "r/textshop/settings.json"
+    old = json.loads(pinned.read_text())
+    del old["hparams"]["gigpo"]
+    pinned.write_text(json.dumps(old))
+    learning.pin_settings(env, args)
+    assert "gigpo" in json.loads(pinned.read_text())["hparams"]
+    old["hparams"]["ppo"]["iterations"] = 5  # ... but not when an old algorithm's settings changed
+    pinned.write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="other settings .*hparams"):
+        learning.pin_settings(env, args)
+    pinned.unlink()
+    learning.pin_settings(env, args)
     args.best_of = 3
     with pytest.raises(SystemExit, match="other settings .*best_of"):
         learning.pin_settings(env, args)

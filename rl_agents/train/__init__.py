@@ -87,7 +87,12 @@ def _check_ppo_data(objective, data: Sequence) -> None:
                             f"advantage, reward), got {type(ex).__name__}")
         if not any(ex.sequence.action_mask[1:]):
             raise ValueError(f"data[{i}]: a sequence without agent tokens carries no loss")
-        if not (math.isfinite(ex.advantage) and math.isfinite(ex.reward)):
+        per_token = isinstance(ex.advantage, (list, tuple))
+        if per_token and len(ex.advantage) != len(ex.sequence):
+            raise ValueError(f"data[{i}].advantage: expected one number or {len(ex.sequence)} per-token values, "
+                             f"got {len(ex.advantage)}")
+        advantages = ex.advantage if per_token else [ex.advantage]
+        if not (all(math.isfinite(a) for a in advantages) and math.isfinite(ex.reward)):
             raise ValueError(f"data[{i}]: advantage and reward must be finite, got {ex.advantage}, {ex.reward}")
         for name in ("old_logps", "ref_logps"):
             values = getattr(ex, name)

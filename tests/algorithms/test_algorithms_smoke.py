@@ -43,16 +43,19 @@ def ray_cluster():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sft", "rft", "eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo"])
+@pytest.mark.parametrize("name", ["sft", "rft", "eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo", "grpo",
+                                  "gigpo"])
 def test_example_config_runs_and_learns(name, tmp_path, ray_cluster):
-    cfg = load_algorithm_config(ROOT / "examples" / f"{name}_textshop.yaml", SMOKE + [f"run_dir={tmp_path}"])
     start = _weights(tiny_llama_dir())
     if name == "sft":  # the library call, with the starting policy's row
+        cfg = load_algorithm_config(ROOT / "examples" / f"{name}_textshop.yaml", SMOKE + [f"run_dir={tmp_path}"])
         rows = run(cfg, evaluate_base=True)
         assert [r["stage"] for r in rows] == ["start", "sft iter 1"]
     else:  # the command a user runs (`rl-agents train CONFIG overrides`), without the start row
         yaml = str(ROOT / "examples" / f"{name}_textshop.yaml")
-        assert main(["train", yaml, "--no-start-eval", *SMOKE, f"run_dir={tmp_path}"]) == 0
+        # A random tiny policy may earn no reward at all (every advantage 0): PPO's entropy bonus moves it then.
+        extra = ["loss.entropy_coef=0.001"] if name in ("grpo", "gigpo") else []
+        assert main(["train", yaml, "--no-start-eval", *SMOKE, *extra, f"run_dir={tmp_path}"]) == 0
         rows = json.loads((tmp_path / "results.json").read_text())
         assert [r["stage"] for r in rows] == [f"{name} iter 1"]
     state = Algorithm.restore(tmp_path)
@@ -65,7 +68,8 @@ def test_example_config_runs_and_learns(name, tmp_path, ray_cluster):
     numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
     assert numeric and all(math.isfinite(v) for v in numeric.values()), numeric
     loss_key = {"sft": "loss/sft", "rft": "loss/sft", "eto": "loss/dpo", "dmpo": "loss/dmpo", "dpo": "loss/dpo",
-                "step_dpo": "loss/step_dpo", "step_gail": "loss/ppo", "ppo": "loss/ppo"}[name]
+                "step_dpo": "loss/step_dpo", "step_gail": "loss/ppo", "ppo": "loss/ppo", "grpo": "loss/ppo",
+                "gigpo": "loss/ppo"}[name]
     assert loss_key in metrics
     if name in ("eto", "dmpo", "dpo", "step_dpo"):
         assert metrics["data/pairs"] >= 4  # a random tiny policy fails every task the expert solves
@@ -76,9 +80,9 @@ def test_example_config_runs_and_learns(name, tmp_path, ray_cluster):
             assert sum(r["paired"] for r in kept) == metrics["data/pairs"]
         else:
             assert sum(r["reward"] for r in kept) / len(kept) == pytest.approx(metrics["reward/mean"], abs=1e-6)
-    if name in ("eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo"):
+    if name in ("eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo", "grpo", "gigpo"):
         assert metrics["sync/max_logprob_diff"] < 1e-3  # the rollout workers run the new weights
-    if name in ("step_gail", "ppo"):
+    if name in ("step_gail", "ppo", "grpo", "gigpo"):
         _assert_ppo_update(name, metrics, state, tmp_path)
     assert rows[-1]["stage"] == f"{name} iter 1" and "eval/test_seen/avg_reward" in rows[-1]
     assert (tmp_path / "results.md").read_text().count("|") > 6
@@ -94,10 +98,13 @@ def _assert_ppo_update(name, metrics, state, run_dir: Path) -> None:
     (train_dir,) = (run_dir / "train").glob("iter0-ppo-*")  # named by the data's digest
     first = read_metrics(train_dir / "metrics.jsonl")[0]
     assert first["ppo/ratio_mean"] == 1.0 and first["ppo/clip_frac"] == 0.0 and first["kl/ref"] == 0.0, first
-    if name == "ppo":
+    if name in ("ppo", "grpo", "gigpo"):
         assert metrics["data/ppo_examples"] == 16  # 4 tasks × rollout.samples_per_task 4
-        if metrics["explore/avg_reward"] == 0:  # a random tiny policy earns nothing: every advantage is 0 and
-            assert metrics["advantage/abs_mean"] == 0 and metrics["loss/policy"] == 0  # the entropy bonus moved it
+        if metrics["explore/avg_reward"] == 0:  # a random tiny policy earns nothing: every advantage is 0
+            assert metrics["advantage/abs_mean"] == 0 and metrics["loss/policy"] == 0
+            assert metrics["data/zero_variance_groups"] == 4
+    if name == "gigpo":  # step groups were formed: every task's first step answers the same task text
+        assert metrics["gigpo/step_groups"] >= 4 and metrics["gigpo/grouped_steps_frac"] >= 16 / 48
     if name == "step_gail":
         assert metrics["inspect/steps"] == metrics["data/ppo_examples"] > metrics["data/expert_steps"] >= 4
         assert metrics["advantage/abs_mean"] > 0  # log D differs between a prefix's 3 samples
@@ -175,3 +182,34 @@ def test_eto_format_files_train_directly(tmp_path, ray_cluster):
     assert main(["data", "convert", str(tmp_path / "dmpo" / "trajectories" / "pairs_iter0.jsonl"),
                  str(tmp_path / "back.json"), "--to", "conversation"]) == 0
     assert json.loads((tmp_path / "back.json").read_text()) == pair_records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo", "gigpo"])
+def test_alfworld_group_examples_run(name, tmp_path, ray_cluster):
+    """examples/{grpo,gigpo}_alfworld.yaml on the tiny model: the update runs and moves the weights, and
+    every explored episode records ALFWorld's state key of each step (GiGPO's anchors): equal at the
+    shared reset, so each task's first steps form one step group."""
+    from rl_agents.trajectory import read_jsonl
+    from tests.envs.conftest import SHARED_ALFWORLD, alfworld_data_dir
+
+    data = alfworld_data_dir()
+    if data is None:
+        pytest.skip(f"no ALFWorld games: set ALFWORLD_DATA or put them in {SHARED_ALFWORLD}")
+    yaml = str(ROOT / "examples" / f"{name}_alfworld.yaml")
+    assert main(["train", yaml, "--no-start-eval", *SMOKE, "loss.entropy_coef=0.001", "env.eval_tasks=1",
+                 f"env.env_kwargs.data_dir={data}", f"run_dir={tmp_path}"]) == 0
+    state = Algorithm.restore(tmp_path)
+    metrics = state.history[-1]
+    assert metrics["data/ppo_examples"] == 16 and math.isfinite(metrics["loss/ppo"])
+    start, end = _weights(tiny_llama_dir()), _weights(state.policy)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    explored = read_jsonl(tmp_path / "trajectories" / "explore_iter0.jsonl")
+    assert len(explored) == 16
+    for t in explored:
+        assert len(t.metadata["state_keys"]) == t.num_steps >= 1
+    for task in {t.task_id for t in explored}:
+        assert len({t.metadata["state_keys"][0] for t in explored if t.task_id == task}) == 1
+    assert len({t.metadata["state_keys"][0] for t in explored}) == 4  # four games, four start states
+    if name == "gigpo":
+        assert metrics["gigpo/grouped_steps_frac"] >= 16 / sum(t.num_steps for t in explored)

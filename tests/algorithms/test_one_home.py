@@ -96,7 +96,7 @@ def test_the_python_api_example_builds():
     assert isinstance(algo, DMPO) and algo.config.loss.gamma == 0.7 and algo._group is None
 
 
-@pytest.mark.parametrize("name", ["sft", "rft", "eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo"])
+@pytest.mark.parametrize("name", ["sft", "rft", "eto", "dmpo", "dpo", "step_dpo", "step_gail", "ppo", "grpo", "gigpo"])
 def test_every_algorithm_updates_with_its_configs_loss(name, tmp_path, tiny_model_dir, monkeypatch):
     """Each algorithm's update hands the trainer the objective its config holds (`loss`), and an
     override of one of its fields reaches it; the trainer is stubbed (no Ray)."""

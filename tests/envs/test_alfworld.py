@@ -257,3 +257,26 @@ def test_reset_rejects_task_ids_no_game_has(env, bad):
 
     with pytest.raises(TaskIdError, match=r"^task id '.{1,40}'.* (contains the character|is too long)"):
         env.reset(options={"task_id": bad})
+
+
+def test_state_key_is_the_exact_state_not_the_text(env):
+    """`info["state_key"]` (GiGPO's anchor): the same at every reset of a game, unchanged by commands
+    that change nothing ("Nothing happens.", look, inventory), new after a move, different for another
+    game; one text ("Nothing happens.") is said in two different states."""
+    expert = [s.action for s in env.expert_steps(LAMP)]
+    _, info = env.reset(options={"task_id": LAMP})
+    start = info["state_key"]
+    assert env.reset(options={"task_id": LAMP})[1]["state_key"] == start
+    for command in ("jump over the moon", "look", "inventory"):
+        assert env.step(command)[4]["state_key"] == start
+    obs, _, _, _, info = env.step(expert[0])
+    moved = info["state_key"]
+    assert moved != start and obs != "Nothing happens."
+    nothing = env.step("jump over the moon")
+    assert nothing[0] == "Nothing happens." and nothing[4]["state_key"] == moved != start
+    keys = [start, moved]
+    for action in expert[1:]:
+        keys.append(env.step(action)[4]["state_key"])
+    assert len(set(keys)) == len(keys)  # the expert never revisits a state
+    other = next(t for t in env.list_tasks("train") if t != LAMP)
+    assert env.reset(options={"task_id": other})[1]["state_key"] != start
