@@ -10,9 +10,12 @@ episode the advantage
 token of the episode (observation tokens carry none: `action_mask`), and take PPO-clip steps
 (`algorithms.losses.PPOObjective`: `loss.clip_eps`/`loss.clip_high` (DAPO's clip-higher),
 `loss.loss_agg` token-mean (DAPO) / seq-mean-token-mean (GRPO) / seq-mean-token-sum-norm
-(Dr. GRPO), optional `loss.kl_coef`). `zero_variance: drop` leaves out the tasks whose G episodes
-all got the same reward (DAPO's dynamic-sampling filter, without its re-sampling): their
-advantages are 0, so they only dilute the token mean and the entropy/KL terms.
+(Dr. GRPO), optional `loss.kl_coef`). `zero_variance: drop` leaves out the tasks whose episodes
+all got advantage 0 (DAPO's dynamic-sampling filter, without its re-sampling: for GRPO, the tasks
+whose G episodes got the same reward; GiGPO keeps such a task while its step groups still tell
+its actions apart): they only dilute the loss's mean and the entropy/KL terms. An update whose
+every advantage is 0, with no entropy or KL term, would not move the policy and is skipped
+(`train/skipped` = 1).
 
 GiGPO (Feng et al. 2025; `algo: gigpo`): the same episode groups, plus step groups: the steps of
 one task's G episodes taken in the same anchor state. Each step's advantage is the episode's plus
@@ -33,6 +36,7 @@ policy the update starts from, not to the SFT reference.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +48,10 @@ from rl_agents.rollout_group import RolloutSection
 from rl_agents.train.config import TrainConfig
 from rl_agents.trajectory import Trajectory
 
+logger = logging.getLogger(__name__)
 ZERO_VARIANCE = ("keep", "drop")
+ZERO = 1e-9
+"""|advantage| at or below this counts as 0 (a group mean of equal rewards can differ from them by rounding)."""
 ANCHORS = ("auto", "observation", "state")
 
 
@@ -61,7 +68,8 @@ class GRPOConfig(AlgorithmConfig):
     scale_rewards: bool = True
     """Divide each advantage by its group's reward std (GRPO); false = mean only (Dr. GRPO)."""
     zero_variance: str = "keep"
-    """"keep" | "drop" the tasks whose episodes all got the same reward (DAPO drops them)."""
+    """"keep" | "drop" the tasks whose every advantage is 0 (GRPO: the same reward on all G episodes;
+    DAPO drops them)."""
     algo = "grpo"
 
     def __post_init__(self):
@@ -95,19 +103,20 @@ class GRPO(Algorithm):
         explored = self.explore()
         usable = [t for t in explored if not t.metadata.get("error") and t.agent_turns]
         metrics: dict[str, Any] = explore_metrics(explored)
-        by_task: dict[str, list[Trajectory]] = {}
-        for t in usable:
-            by_task.setdefault(t.task_id, []).append(t)
-        flat = {k: len({t.reward for t in v}) == 1 for k, v in by_task.items()}
-        metrics["data/zero_variance_groups"] = sum(flat.values())
-        if self.config.zero_variance == "drop":
-            usable = [t for t in usable if not flat[t.task_id]]
+        tasks: dict[str, int] = {}
+        groups = [tasks.setdefault(t.task_id, len(tasks)) for t in usable]  # group = task
+        by_task: dict[int, set[float]] = {}
+        for t, g in zip(usable, groups):
+            by_task.setdefault(g, set()).add(t.reward)
+        metrics["data/zero_variance_groups"] = sum(len(r) == 1 for r in by_task.values())
+        advantages, extra = self.advantages(usable, groups) if usable else ([], {})
+        metrics.update(extra)
+        if self.config.zero_variance == "drop":  # tasks none of whose advantages differ from 0
+            signal = {g for g, a in zip(groups, advantages) if any(abs(x) > ZERO for x in _as_list(a, 1))}
+            usable, advantages = ([x for x, g in zip(xs, groups) if g in signal] for xs in (usable, advantages))
         metrics["data/ppo_examples"] = len(usable)
         if not usable:
             return metrics
-        tasks: dict[str, int] = {}
-        groups = [tasks.setdefault(t.task_id, len(tasks)) for t in usable]  # group = task
-        advantages, extra = self.advantages(usable, groups)
         seg = self.segmenter()
         data = []
         for t, a in zip(usable, advantages):
@@ -115,12 +124,20 @@ class GRPO(Algorithm):
             if isinstance(a, list):  # one per agent turn -> one per token (turn_index: agent turn or -1)
                 a = [a[i] if i >= 0 else 0.0 for i in seq.turn_index]
             data.append(PPOExample(seq, a, float(t.reward)))
-        per_token = [x for e in data for x, m in zip(_as_list(e.advantage, len(e.sequence)), e.sequence.action_mask)
-                     if m]
+        per_episode = [[x for x, m in zip(_as_list(e.advantage, len(e.sequence)), e.sequence.action_mask) if m]
+                       for e in data]  # each episode's advantages on its agent tokens
         metrics.update({"reward/mean": sum(t.reward for t in usable) / len(usable),
-                        "advantage/abs_mean": sum(abs(x) for x in per_token) / max(len(per_token), 1),
-                        "data/zero_advantage_frac": sum(x == 0 for x in per_token) / max(len(per_token), 1),
-                        **extra})
+                        "advantage/abs_mean": sum(sum(map(abs, a)) / len(a) for a in per_episode) / len(data),
+                        "data/zero_advantage_frac": sum(all(abs(x) <= ZERO for x in a) for a in per_episode) / len(data)})
+        loss, tc = self.config.loss, self.config.train
+        why = None
+        if metrics["data/zero_advantage_frac"] == 1 and loss.entropy_coef == 0 and loss.kl_coef == 0:
+            why = "every advantage is 0 and there is no entropy or KL term"
+        elif len(data) < tc.optim.micro_batch_size * tc.num_workers:
+            why = f"{len(data)} episodes are fewer than one micro-batch per worker"
+        if why:
+            logger.warning("%s iteration %d: no update (%s)", self.config.algo, self.iteration, why)
+            return {**metrics, "train/skipped": 1}
         metrics.update(self.update(data))
         return metrics
 

@@ -28,6 +28,18 @@ D and π — and is saved next to `state.json` as `discriminator.safetensors` (w
 no pickle). Freezing the backbone keeps φ fixed while the policy moves (a stationary feature space
 for a head that keeps training) and costs one forward per step instead of a second trainable LLM.
 
+`discriminator.backbone: lora` (#20) makes the backbone trainable too: a LoRA adapter (rank
+`discriminator.lora_r` on the attention projections) on the starting policy, trained with the head
+by backpropagation through φ, so that D can read the state and not only the action's words. Each
+step is then read as its last `discriminator.max_tokens` tokens (the recent turns and the action;
+a full-prefix forward with gradients is too slow on CPU), `feature_batch_size` steps per forward,
+gradients accumulated over a mini-batch (the same loss as one forward of the whole mini-batch).
+
+Held-out accuracy: `discriminator.held_out` of the expert prefixes (with their agent samples) are
+left out of D's training each iteration; `disc/heldout_acc_expert`, `disc/heldout_acc_agent` and
+`disc/heldout_acc` (the mean of the two) are D's accuracy on them after its update, i.e. on states
+it was not trained on. The PPO rewards still come from every sample.
+
 Deviations: D = P(expert) label convention (see `algorithms.losses.gail`); value-free group-mean
 baseline (see `algorithms.losses.ppo`); the KL penalty (off by default) is to the policy each update
 starts from, not to the SFT model.
@@ -59,14 +71,20 @@ DISC_FILE = "discriminator.safetensors"
 # ─────────────────────────────── discriminator ───────────────────────────────
 
 
-@torch.no_grad()
-def action_features(backbone: nn.Module, tokens: TokenBatch) -> torch.Tensor:
+def pooled_hidden(backbone: nn.Module, tokens: TokenBatch) -> torch.Tensor:
     """φ: (B, H) float32, the mean of the backbone's final-layer hidden states over each row's
-    action tokens (`action_mask` == 1: the tokens of the step's action, never the prefix)."""
+    action tokens (`action_mask` == 1: the tokens of the step's action, never the prefix); with
+    gradients when the backbone has trainable parameters (the LoRA discriminator)."""
     out = backbone.base_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
     hidden = out.last_hidden_state.float()  # (B, L, H)
     mask = tokens.action_mask.to(hidden.dtype)[..., None]  # (B, L, 1)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
+
+
+@torch.no_grad()
+def action_features(backbone: nn.Module, tokens: TokenBatch) -> torch.Tensor:
+    """`pooled_hidden` without gradients (the frozen backbone)."""
+    return pooled_hidden(backbone, tokens)
 
 
 @torch.no_grad()
@@ -123,6 +141,22 @@ def sequence_features(backbone: nn.Module, seqs: list[EncodedSequence], *, batch
     return torch.stack(out) if out else torch.zeros((0, hidden_size))
 
 
+def window(seq: EncodedSequence, max_tokens: int) -> EncodedSequence:
+    """The last `max_tokens` tokens of a step (its action whole, however long): what a trainable D reads."""
+    start = max(0, min(len(seq) - max_tokens, seq.action_mask.index(1) if 1 in seq.action_mask else len(seq)))
+    cut = lambda x: None if x is None else x[start:]  # noqa: E731
+    return EncodedSequence(seq.input_ids[start:], seq.action_mask[start:], seq.turn_index[start:],
+                           cut(seq.end_of_turn))
+
+
+def pooled_features(model: nn.Module, seqs: list[EncodedSequence], pad_id: int = 0) -> torch.Tensor:
+    """`pooled_hidden` of `seqs`, one right-padded forward: (N, H) float32."""
+    from rl_agents.collate import collate_sequences
+
+    device = next(model.parameters()).device
+    return pooled_hidden(model, collate_sequences(seqs, pad_id).to(device))
+
+
 class DiscriminatorHead(nn.Module):
     """The trainable part of D: features (N, H) -> logits (N,), D = σ(logit) = P(expert | s, a)."""
 
@@ -160,48 +194,165 @@ def train_discriminator(head: DiscriminatorHead, expert: torch.Tensor, agent: to
     return last
 
 
+def train_lora_discriminator(lm: nn.Module, head: DiscriminatorHead, expert: list[EncodedSequence],
+                             agent: list[EncodedSequence], *, epochs: int, lr: float, lora_lr: float, batch_size: int,
+                             micro_batch_size: int, seed: int, pad_id: int = 0) -> float:
+    """`train_discriminator` with a trainable backbone: Adam on the head (lr `lr`) and on `lm`'s
+    trainable (LoRA) parameters (lr `lora_lr`), by backpropagation through φ, each mini-batch's
+    gradient accumulated over small forwards (`accumulate_gradients`). Returns the last epoch's
+    mean loss."""
+    gen = torch.Generator().manual_seed(seed)
+    n_e, n_a = len(expert), len(agent)
+    n_batches = max(1, min(math.ceil((n_e + n_a) / batch_size), n_e, n_a))
+    trainable = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.Adam([{"params": list(head.parameters()), "lr": lr}, {"params": trainable, "lr": lora_lr}])
+    head.train()
+    last = float("nan")
+    for _ in range(epochs):
+        losses = []
+        for ie, ia in zip(torch.randperm(n_e, generator=gen).tensor_split(n_batches),
+                          torch.randperm(n_a, generator=gen).tensor_split(n_batches)):
+            opt.zero_grad(set_to_none=True)
+            losses.append(accumulate_gradients(lm, head, [expert[i] for i in ie], [agent[i] for i in ia],
+                                               micro_batch_size=micro_batch_size, pad_id=pad_id))
+            opt.step()
+        last = sum(losses) / len(losses)
+    head.eval()
+    return last
+
+
+def accumulate_gradients(lm: nn.Module, head: DiscriminatorHead, expert: list[EncodedSequence],
+                         agent: list[EncodedSequence], *, micro_batch_size: int, pad_id: int = 0) -> float:
+    """Backpropagate `gail_discriminator_loss` of one mini-batch (expert vs agent steps) into the head's and
+    `lm`'s trainable parameters, `micro_batch_size` sequences of one class per forward: ½ Σ softplus(∓logit)
+    / N_class each, which sums to the mini-batch's loss. Returns that loss."""
+    import torch.nn.functional as F
+
+    total = 0.0
+    for seqs, sign in ((expert, -1.0), (agent, 1.0)):
+        for c in range(0, len(seqs), micro_batch_size):
+            logits = head(pooled_features(lm, seqs[c:c + micro_batch_size], pad_id))
+            loss = 0.5 * F.softplus(sign * logits).sum() / len(seqs)  # expert: -log D, agent: -log(1 - D)
+            loss.backward()
+            total += loss.item()
+    return total
+
+
 @torch.no_grad()
-def discriminator_metrics(head: DiscriminatorHead, expert: torch.Tensor, agent: torch.Tensor) -> dict[str, float]:
-    """loss, accuracy per class (D > ½ on expert, D < ½ on agent) and mean D per class."""
-    le, la = head(expert), head(agent)
+def lora_logits(lm: nn.Module, head: DiscriminatorHead, seqs: list[EncodedSequence], *, batch_size: int,
+                pad_id: int = 0) -> torch.Tensor:
+    """D's logits (N,) with the trainable backbone, no gradients, `batch_size` sequences per forward."""
+    out = [head(pooled_features(lm, seqs[c:c + batch_size], pad_id)) for c in range(0, len(seqs), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def discriminator_metrics(le: torch.Tensor, la: torch.Tensor) -> dict[str, float]:
+    """From D's logits on expert (le) and agent (la) steps: loss, accuracy per class (D > ½ on expert,
+    D < ½ on agent) and mean D per class."""
     return {"loss": gail_discriminator_loss(le, la).item(), "acc_expert": (le > 0).float().mean().item(),
             "acc_agent": (la < 0).float().mean().item(), "d_expert": torch.sigmoid(le).mean().item(),
             "d_agent": torch.sigmoid(la).mean().item()}
 
 
-def save_head(head: DiscriminatorHead, path: str | os.PathLike, *, iteration: int) -> None:
-    """safetensors weights + metadata (dims, iteration), written atomically."""
+def held_out_prefixes(n: int, fraction: float, seed: int) -> set[int]:
+    """Which of `n` expert prefixes D does not train on: round(fraction · n) of them (at least one
+    when fraction > 0, none when fewer than 2 prefixes), drawn with `seed`."""
+    if fraction <= 0 or n < 2:
+        return set()
+    k = min(n - 1, max(1, round(fraction * n)))
+    return set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
+BACKBONE_PREFIX = "backbone."
+
+
+def save_head(head: DiscriminatorHead, path: str | os.PathLike, *, iteration: int,
+              backbone: dict[str, torch.Tensor] | None = None) -> None:
+    """safetensors weights + metadata (dims, iteration), written atomically; `backbone`: the LoRA
+    discriminator's adapter weights, stored beside the head's under `backbone.`."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    state.update({BACKBONE_PREFIX + k: v.detach().cpu().contiguous() for k, v in (backbone or {}).items()})
     save_file(state, str(tmp), metadata={"format": "pt", "rl_agents": json.dumps(
-        {"dim": head.dim, "hidden": head.hidden, "iteration": iteration})})
+        {"dim": head.dim, "hidden": head.hidden, "iteration": iteration, "backbone": "lora" if backbone else "frozen"})})
     os.replace(tmp, path)
 
 
-def load_head(path: str | os.PathLike) -> tuple[DiscriminatorHead, int]:
-    """-> (head, the iteration it was saved at)."""
+def load_head(path: str | os.PathLike) -> tuple[DiscriminatorHead, int, dict[str, torch.Tensor] | None]:
+    """-> (head, the iteration it was saved at, the LoRA backbone's adapter weights or None)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["rl_agents"])
         state = {k: f.get_tensor(k) for k in f.keys()}
+    backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
     head = DiscriminatorHead(meta["dim"], meta["hidden"])
-    head.load_state_dict(state, strict=True)
-    return head.eval(), int(meta["iteration"])
+    head.load_state_dict({k: v for k, v in state.items() if not k.startswith(BACKBONE_PREFIX)}, strict=True)
+    return head.eval(), int(meta["iteration"]), (backbone if meta.get("backbone") == "lora" else None)
 
 
 # ─────────────────────────────── algorithm ───────────────────────────────
 
 
+BACKBONES = ("frozen", "lora")
+
+
+@dataclass
+class DiscriminatorSection:
+    """D(s, a) = σ(head(φ(s, a))) (module docstring); none of these is reported by the paper."""
+
+    backbone: str = "frozen"
+    """"frozen": φ from a frozen copy of the starting policy, only the head trains; "lora": a LoRA
+    adapter on that copy trains with the head, so that D can read the state."""
+    hidden: int = 256
+    """Hidden width of the head."""
+    lr: float = 1e-3
+    """Adam learning rate of the head."""
+    epochs: int = 5
+    """Passes over each iteration's expert and agent steps."""
+    batch_size: int = 64
+    """Steps (expert + agent) per update."""
+    feature_batch_size: int = 8
+    """Steps per forward of the backbone (bounds the driver's memory)."""
+    device: str = "cpu"
+    """Device of the backbone in the driver ('cpu': float32; 'cuda[:k]': bfloat16 when frozen)."""
+    lora_r: int = 8
+    """backbone lora: adapter rank, on q/k/v/o projections."""
+    lora_alpha: int = 16
+    lora_lr: float = 1e-4
+    """backbone lora: Adam learning rate of the adapter."""
+    max_tokens: int = 512
+    """backbone lora: D reads each step's last `max_tokens` tokens (recent turns + the action)."""
+    held_out: float = 0.2
+    """Share of the expert prefixes (with their agent samples) D does not train on; its accuracy on
+    them is `disc/heldout_acc*` (0 = train on all, no held-out metrics)."""
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"discriminator.backbone: must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        for name in ("hidden", "epochs", "batch_size", "feature_batch_size", "lora_r", "lora_alpha", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"discriminator.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "lora_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"discriminator.{name}: must be a finite number > 0, got {getattr(self, name)}")
+        if not (0 <= self.held_out < 1):
+            raise ConfigError(f"discriminator.held_out: must be in [0, 1), got {self.held_out}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"discriminator.device: not a torch device, got {self.device!r}") from None
+
+
 @dataclass
 class StepGAILConfig(AlgorithmConfig):
-    """StepAgent-inverse. D(s, a) = σ(head(φ(s, a))): φ = mean final-layer hidden state over the action
-    tokens of a frozen copy of the starting policy (`model`), head = LayerNorm → Linear(H, disc_hidden)
-    → ReLU → Linear(disc_hidden, 1), trained with Adam; PPO on r = log D (module docstring)."""
+    """StepAgent-inverse: D(s, a) = σ(head(φ(s, a))) (`discriminator`), PPO on r = log D (module
+    docstring)."""
 
     practice_samples: int = 3
     """Agent actions sampled per expert prefix (StepAgent §7.4: gains up to 3, none beyond). ≥ 2:
@@ -214,36 +365,19 @@ class StepGAILConfig(AlgorithmConfig):
     """The policy step: `loss.clip_eps` (not reported; Schulman et al. 2017: 0.2), `loss.entropy_coef`
     (λ of eq. 8/10, not reported; 1e-3 as in verl's PPO defaults), `loss.kl_coef` (k3 KL to the policy
     each update starts from; 0 = off, the paper uses none)."""
-    disc_hidden: int = 256
-    """Hidden width of the discriminator head (not reported)."""
-    disc_lr: float = 1e-3
-    """Adam learning rate of the head (not reported)."""
-    disc_epochs: int = 5
-    """Passes of the head over each iteration's expert and agent steps (not reported)."""
-    disc_batch_size: int = 64
-    """Steps (expert + agent) per head update."""
-    feature_batch_size: int = 8
-    """Actions per no-grad backbone forward on a cached prefix when computing φ in the driver (bounds its memory)."""
-    feature_device: str = "cpu"
-    """Device of the frozen backbone in the driver ('cpu': float32; 'cuda[:k]': bfloat16)."""
+    discriminator: DiscriminatorSection = field(default_factory=DiscriminatorSection)
     train: TrainConfig = field(default_factory=reflection_train)
     """Paper defaults (StepAgent reflection, §6.4): lr 5e-7, batch 16, 1 epoch."""
     algo = "step_gail"
+    moved_keys = {**AlgorithmConfig.moved_keys, "disc_hidden": "discriminator.hidden", "disc_lr": "discriminator.lr",
+                  "disc_epochs": "discriminator.epochs", "disc_batch_size": "discriminator.batch_size",
+                  "feature_batch_size": "discriminator.feature_batch_size", "feature_device": "discriminator.device"}
 
     def __post_init__(self):
         super().__post_init__()
         if self.practice_samples < 2:
             raise ConfigError(f"practice_samples: the baseline is the mean reward of a prefix's samples, "
                               f"needs >= 2, got {self.practice_samples}")
-        for name in ("disc_hidden", "disc_epochs", "disc_batch_size", "feature_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.disc_lr) and self.disc_lr > 0):
-            raise ConfigError(f"disc_lr: must be a finite number > 0, got {self.disc_lr}")
-        try:
-            torch.device(self.feature_device)
-        except RuntimeError:
-            raise ConfigError(f"feature_device: not a torch device, got {self.feature_device!r}") from None
 
 
 @register_algorithm
@@ -253,36 +387,67 @@ class StepGAIL(Algorithm):
     def __init__(self, config: StepGAILConfig):
         super().__init__(config)
         self._backbone: nn.Module | None = None
+        self._peft = None  # the PeftModel around `_backbone` (discriminator.backbone: lora)
         self._head: DiscriminatorHead | None = None
         self._head_dir = self.run_dir  # where a restored run's head lies
 
     # ---- discriminator state ---------------------------------------------------------------
     def backbone(self) -> nn.Module:
-        """The frozen feature extractor: the run's starting policy (not the current one)."""
+        """φ's model, built from the run's starting policy (not the current one): frozen, or with a
+        trainable LoRA adapter (seeded; its weights restored with the head)."""
         if self._backbone is None:
             from rl_agents.models import load_model
 
-            device = torch.device(self.config.feature_device)
-            dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-            self._backbone = load_model(self.config.model, dtype=dtype).to(device).eval().requires_grad_(False)
+            d = self.config.discriminator
+            device = torch.device(d.device)
+            frozen = d.backbone == "frozen"
+            dtype = torch.float32 if device.type == "cpu" or not frozen else torch.bfloat16
+            model = load_model(self.config.model, dtype=dtype).to(device).eval().requires_grad_(False)
+            if not frozen:
+                from peft import LoraConfig, get_peft_model
+
+                with torch.random.fork_rng():
+                    torch.manual_seed(self.config.seed)
+                    self._peft = get_peft_model(model, LoraConfig(
+                        r=d.lora_r, lora_alpha=d.lora_alpha, lora_dropout=0.0, bias="none",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+                model = self._peft.get_base_model()  # the causal LM, adapters injected
+            self._backbone = model
         return self._backbone
 
+    def _adapter_state(self) -> dict[str, torch.Tensor] | None:
+        if self._peft is None:
+            return None
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self._peft)
+
     def discriminator(self) -> DiscriminatorHead:
-        """The head: new (seeded) at iteration 0, else the one saved with this iteration's state."""
+        """The head: new (seeded) at iteration 0, else the one saved with this iteration's state (and,
+        with the LoRA backbone, its adapter)."""
         if self._head is None:
             if self.iteration == 0:
                 with torch.random.fork_rng():
                     torch.manual_seed(self.config.seed)
                     dim = self.backbone().config.get_text_config().hidden_size
-                    self._head = DiscriminatorHead(dim, self.config.disc_hidden).eval()
+                    self._head = DiscriminatorHead(dim, self.config.discriminator.hidden).eval()
             else:
                 path = self._head_dir / DISC_FILE
                 if not path.exists():
                     raise FileNotFoundError(f"{path}: no discriminator saved with this run's state (iteration "
                                             f"{self.iteration})")
-                head, saved_at = load_head(path)
+                head, saved_at, adapter = load_head(path)
                 if saved_at != self.iteration:
                     raise RuntimeError(f"{path} is from iteration {saved_at}, the run state from {self.iteration}")
+                want = self.config.discriminator.backbone
+                if (adapter is not None) != (want == "lora"):
+                    raise RuntimeError(f"{path} holds a discriminator with a {'lora' if adapter else 'frozen'} "
+                                       f"backbone, the config asks for discriminator.backbone: {want}")
+                if adapter is not None:
+                    from peft import set_peft_model_state_dict
+
+                    self.backbone()
+                    set_peft_model_state_dict(self._peft, adapter)
                 self._head = head
         return self._head
 
@@ -291,7 +456,7 @@ class StepGAIL(Algorithm):
         mismatch that `discriminator()` reports, never a silently stale head)."""
         out = Path(path) if path else self.run_dir
         if self._head is not None:
-            save_head(self._head, out / DISC_FILE, iteration=self.iteration)
+            save_head(self._head, out / DISC_FILE, iteration=self.iteration, backbone=self._adapter_state())
         return super().save(out)
 
     def _restored(self, path: Path) -> None:
@@ -333,20 +498,41 @@ class StepGAIL(Algorithm):
             used = sorted({groups[i] for i in keep})
             expert_seqs, groups = [expert_seqs[g] for g in used], [used.index(groups[i]) for i in keep]
 
-        backbone = self.backbone()
+        backbone, d = self.backbone(), cfg.discriminator
         pad_id = backbone.config.pad_token_id or 0
-        # One call: a prefix's expert step and its agent samples share the prefix forward.
-        feats = sequence_features(backbone, expert_seqs + agent_seqs, batch_size=cfg.feature_batch_size, pad_id=pad_id)
-        fe, fa = feats[:len(expert_seqs)], feats[len(expert_seqs):]
-        before = discriminator_metrics(head, fe, fa)  # last iteration's D on this iteration's samples
-        train_discriminator(head, fe, fa, epochs=cfg.disc_epochs, lr=cfg.disc_lr, batch_size=cfg.disc_batch_size,
-                            seed=cfg.seed * 1000 + self.iteration)
-        after = discriminator_metrics(head, fe, fa)
+        held = held_out_prefixes(len(expert_seqs), d.held_out, cfg.seed * 1000 + self.iteration)
+        train_e = [i for i in range(len(expert_seqs)) if i not in held]
+        train_a = [j for j, g in enumerate(groups) if g not in held]
+        if d.backbone == "frozen":
+            # One call: a prefix's expert step and its agent samples share the prefix forward.
+            feats = sequence_features(backbone, expert_seqs + agent_seqs, batch_size=d.feature_batch_size,
+                                      pad_id=pad_id)
+            fe, fa = feats[:len(expert_seqs)], feats[len(expert_seqs):]
+            score = lambda: (head(fe), head(fa))  # noqa: E731  (D's logits on every step, no grad)
+            before = [x.detach() for x in score()]
+            train_discriminator(head, fe[train_e], fa[train_a], epochs=d.epochs, lr=d.lr, batch_size=d.batch_size,
+                                seed=cfg.seed * 1000 + self.iteration)
+        else:
+            we, wa = ([window(x, d.max_tokens) for x in seqs] for seqs in (expert_seqs, agent_seqs))
+            score = lambda: tuple(lora_logits(backbone, head, w, batch_size=d.feature_batch_size, pad_id=pad_id)  # noqa: E731
+                                  for w in (we, wa))
+            before = score()
+            train_lora_discriminator(backbone, head, [we[i] for i in train_e], [wa[j] for j in train_a],
+                                     epochs=d.epochs, lr=d.lr, lora_lr=d.lora_lr, batch_size=d.batch_size,
+                                     micro_batch_size=d.feature_batch_size, seed=cfg.seed * 1000 + self.iteration,
+                                     pad_id=pad_id)
         with torch.no_grad():
-            rewards = gail_reward(head(fa))  # (N_a,) log D(ŝ_i, a_i^θ), with the updated head
+            le, la = score()
+        fit = lambda e, a: discriminator_metrics(e[train_e], a[train_a])  # noqa: E731  (on the steps D trained on)
+        rewards = gail_reward(la)  # (N_a,) log D(ŝ_i, a_i^θ), with the updated D
         advantages = step_advantages(rewards, groups)
-        metrics.update({f"disc/{k}": v for k, v in after.items()})
-        metrics.update({"disc/loss_before": before["loss"], "data/expert_steps": len(expert_seqs),
+        metrics.update({f"disc/{k}": v for k, v in fit(le, la).items()})
+        if held:
+            out_e, out_a = sorted(held), [j for j, g in enumerate(groups) if g in held]
+            acc_e, acc_a = (le[out_e] > 0).float().mean().item(), (la[out_a] < 0).float().mean().item()
+            metrics.update({"disc/heldout_acc_expert": acc_e, "disc/heldout_acc_agent": acc_a,
+                            "disc/heldout_acc": (acc_e + acc_a) / 2, "disc/heldout_steps": len(out_e) + len(out_a)})
+        metrics.update({"disc/loss_before": fit(*before)["loss"], "data/expert_steps": len(expert_seqs),
                         "data/ppo_examples": len(agent_seqs), "reward/mean": rewards.mean().item(),
                         "reward/min": rewards.min().item(), "advantage/abs_mean": advantages.abs().mean().item()})
         data = [PPOExample(s, a, r) for s, a, r in zip(agent_seqs, advantages.tolist(), rewards.tolist())]

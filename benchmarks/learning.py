@@ -105,6 +105,13 @@ HPARAMS = {
     "step_gail": {"algo": "step_gail", "iterations": 2, "config": {"practice_samples": 2},
                   "per_env": {"alfworld": {"max_steps_per_task": 8}}, "rollout": {"temperature": 1.0},
                   "optim": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 2, "epochs": 1}},
+    # StepAgent-inverse with a trainable discriminator (#20): a LoRA adapter on D's backbone trains with
+    # its head (the frozen one learned the action's verb, not the state: docs/results.md).
+    "step_gail_lora": {"algo": "step_gail", "iterations": 2,
+                       "config": {"practice_samples": 2,  # 1 epoch over 384-token windows: ~15 min an iteration
+                                  "discriminator": {"backbone": "lora", "epochs": 1, "max_tokens": 384}},
+                       "per_env": {"alfworld": {"max_steps_per_task": 8}}, "rollout": {"temperature": 1.0},
+                       "optim": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 2, "epochs": 1}},
     # No paper reports PPO settings (docs/papers.md): examples/ppo_textshop.yaml's, 2 iterations (there 3).
     "ppo": {"algo": "ppo", "iterations": 2, "rollout": {"temperature": 1.0, "samples_per_task": 4},
             "optim": {"lr": 1e-4, "batch_size": 16, "micro_batch_size": 2, "epochs": 1}},
@@ -117,7 +124,8 @@ HPARAMS = {
 }
 LABELS = {"sft": "SFT", "rft": "RFT", "dpo": "DPO (fixed pairs)", "eto": "ETO", "dmpo_noisy": "DMPO (noisy)",
           "dmpo_clean": "DMPO (clean)", "step_dpo": "StepAgent-implicit", "step_gail": "StepAgent-inverse",
-          "ppo": "PPO", "grpo": "GRPO", "gigpo": "GiGPO", "best_of_n": "Best-of-N of SFT (oracle)"}
+          "step_gail_lora": "StepAgent-inverse (LoRA D)", "ppo": "PPO", "grpo": "GRPO", "gigpo": "GiGPO",
+          "best_of_n": "Best-of-N of SFT (oracle)"}
 ALGOS = list(LABELS)
 SPLITS = ("test_seen", "test_unseen")
 MARK_START, MARK_END = "<!-- learning-benchmark:start -->", "<!-- learning-benchmark:end -->"

@@ -434,7 +434,8 @@ class ALFWorldEnv(TextEnv):
     def state_key(self) -> str | None:
         """A digest of the PDDL state's facts (where everything is, what is open, held, hot, ...): the
         exact state, which "Nothing happens." and "You arrive at cabinet 1." do not tell apart. The
-        `checked(...)` marks that `look` and `inventory` set are left out: they change no outcome."""
+        `checked(...)` facts (what the agent has looked at: look, inventory, examine, ...) are left
+        out: they change no outcome."""
         if self._state is None:
             return None
         import hashlib

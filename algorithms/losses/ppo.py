@@ -64,6 +64,12 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / torch.where(count > 0, count, torch.ones_like(count)).to(x.dtype)
 
 
+def mean_of(loss_agg: str) -> str:
+    """The mean a metric takes under `loss_agg`: over tokens, or over sequences of their token means
+    (the loop weighs micro-batches by the same units as the loss)."""
+    return "token-mean" if loss_agg == "token-mean" else "seq-mean-token-mean"
+
+
 def _aggregate(x: torch.Tensor, mask: torch.Tensor, loss_agg: str, norm_tokens: int) -> torch.Tensor:
     """Per-token values (B, L) -> one scalar, as `loss_agg` says (`LOSS_AGG`); sequences without
     agent tokens do not count; 0 when there are none."""
@@ -92,7 +98,7 @@ def ppo_loss(
     ref_logps: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     loss_agg: str = "token-mean",
-    norm_tokens: int = 1,
+    norm_tokens: int = 1024,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level PPO-clip loss (Schulman et al. 2017, eq. 7) + entropy bonus (StepAgent eq. 10) + KL.
 
@@ -113,10 +119,11 @@ def ppo_loss(
         divided by `norm_tokens`).
     old_logps, advantages and ref_logps are constants of the step: they are detached here.
 
-    Returns (loss scalar, metrics): `loss/policy` (L_pg), `loss/entropy` (mean agent-token entropy,
-    0 without `entropy`), `kl/ref` (mean k3, 0 without `ref_logps`), `ppo/clip_frac` (fraction of agent
-    tokens where the clipped term is the smaller one, i.e. whose gradient the clip removes),
-    `ppo/ratio_mean` (mean r_j).
+    Returns (loss scalar, metrics): `loss/policy` (L_pg), `loss/entropy` (agg of the agent-token
+    entropies, 0 without `entropy`), `kl/ref` (agg of k3, 0 without `ref_logps`), `ppo/clip_frac`
+    (share of agent tokens where the clipped term is the smaller one, i.e. whose gradient the clip
+    removes) and `ppo/ratio_mean` (mean r_j): token means, or sequence means of token means when
+    `loss_agg` is a sequence mean.
     """
     check_ppo_coefs(clip_eps, entropy_coef, kl_coef, clip_high=clip_high, loss_agg=loss_agg, norm_tokens=norm_tokens)
     if entropy_coef != 0 and entropy is None:
@@ -163,8 +170,8 @@ def ppo_loss(
             "loss/policy": policy_loss.item(),
             "loss/entropy": mean_entropy.item(),
             "kl/ref": kl.item(),
-            "ppo/clip_frac": _masked_mean((surr_clipped < surr).to(dtype), mask).item(),
-            "ppo/ratio_mean": _masked_mean(ratio, mask).item(),
+            "ppo/clip_frac": _aggregate((surr_clipped < surr).to(dtype), mask, mean_of(loss_agg), 1).item(),
+            "ppo/ratio_mean": _aggregate(ratio, mask, mean_of(loss_agg), 1).item(),
         }
     return loss, metrics
 

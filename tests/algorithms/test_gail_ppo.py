@@ -13,8 +13,9 @@ import torch
 
 from algorithms import ppo_loss
 from algorithms.losses import PPOObjective
-from algorithms.step_gail import (DISC_FILE, DiscriminatorHead, StepGAIL, StepGAILConfig, action_features,
-                                  discriminator_metrics, sequence_features, train_discriminator)
+from algorithms.step_gail import (DISC_FILE, DiscriminatorHead, DiscriminatorSection, StepGAIL, StepGAILConfig,
+                                  accumulate_gradients, action_features, discriminator_metrics, held_out_prefixes,
+                                  lora_logits, pooled_features, sequence_features, train_discriminator, window)
 from rl_agents.batches import EncodedSequence, PPOExample, token_logps
 from rl_agents.collate import collate_ppo, collate_sequences
 from rl_agents.config import ConfigError, from_dict
@@ -304,10 +305,10 @@ def test_head_learns_to_separate_two_action_sets(tiny_model, segmenter):
     fe, fa = sequence_features(tiny_model, expert, batch_size=8), sequence_features(tiny_model, agent, batch_size=8)
     torch.manual_seed(0)
     head = DiscriminatorHead(fe.shape[1], hidden=32)
-    start = discriminator_metrics(head, fe, fa)
+    start = discriminator_metrics(head(fe), head(fa))
     assert abs(start["loss"] - math.log(2)) < 0.2
     train_discriminator(head, fe[:24], fa[:48], epochs=30, lr=1e-2, batch_size=16, seed=0)
-    held_out = discriminator_metrics(head, fe[24:], fa[48:])
+    held_out = discriminator_metrics(head(fe[24:]), head(fa[48:]))
     assert held_out["acc_expert"] > 0.9 and held_out["acc_agent"] > 0.9, held_out
     assert held_out["d_expert"] > 0.8 > 0.2 > held_out["d_agent"] and held_out["loss"] < 0.3
 
@@ -348,6 +349,93 @@ def test_discriminator_save_restore_round_trip_is_bit_exact(tmp_path, tiny_model
     (tmp_path / "stale" / DISC_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="no discriminator saved"):
         StepGAIL.restore(tmp_path / "stale")
+
+
+# ---- the trainable (LoRA) discriminator -----------------------------------------------------------
+def _lora_algo(tmp_path, tiny_model_dir, **section):
+    return StepGAIL(StepGAILConfig(model=str(tiny_model_dir), run_dir=str(tmp_path / "run"), practice_samples=2,
+                                   discriminator=DiscriminatorSection(backbone="lora", **section)))
+
+
+def test_lora_gradient_accumulation_equals_one_forward_of_the_mini_batch(tmp_path, tiny_model_dir, segmenter):
+    """`accumulate_gradients` over forwards of 2 sequences gives the gradient (head and LoRA adapter) of
+    `gail_discriminator_loss` on one forward of all 3 expert and 5 agent steps, and the same loss."""
+    from algorithms.losses.gail import gail_discriminator_loss
+
+    expert, agent = _action_sets(segmenter, 5, seed=1)
+    expert = expert[:3]
+    algo = _lora_algo(tmp_path, tiny_model_dir)
+    lm, head = algo.backbone(), algo.discriminator()
+    trainable = [p for p in [*head.parameters(), *lm.parameters()] if p.requires_grad]
+    assert any("lora_" in n for n, p in lm.named_parameters() if p.requires_grad)
+    assert not any(p.requires_grad for n, p in lm.named_parameters() if "lora_" not in n)  # only the adapter
+    with torch.no_grad():  # a non-zero adapter, so that its gradient path through the backbone is exercised
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    loss = gail_discriminator_loss(head(pooled_features(lm, expert)), head(pooled_features(lm, agent)))
+    loss.backward()
+    whole = [p.grad.clone() for p in trainable]
+    for p in trainable:
+        p.grad = None
+    accumulated = accumulate_gradients(lm, head, expert, agent, micro_batch_size=2)
+    assert accumulated == pytest.approx(loss.item(), abs=1e-6)
+    for w, p in zip(whole, trainable):
+        torch.testing.assert_close(p.grad, w, atol=1e-6, rtol=1e-4)
+    assert any(w.abs().sum() > 0 for w, (n, _) in zip(whole[len(list(head.parameters())):],
+                                                      [x for x in lm.named_parameters() if x[1].requires_grad])
+               if "lora_A" in n)
+
+
+def test_window_keeps_the_last_tokens_and_the_whole_action():
+    seq = EncodedSequence(list(range(10)), [0] * 6 + [1] * 4, [-1] * 6 + [0] * 4)
+    assert window(seq, 6).input_ids == [4, 5, 6, 7, 8, 9] and window(seq, 6).action_mask == [0, 0, 1, 1, 1, 1]
+    assert window(seq, 2).input_ids == [6, 7, 8, 9]  # the action is never cut
+    assert window(seq, 50) == seq
+
+
+def test_held_out_prefixes():
+    assert held_out_prefixes(10, 0.2, seed=0) == held_out_prefixes(10, 0.2, seed=0)
+    assert len(held_out_prefixes(10, 0.2, seed=0)) == 2 and held_out_prefixes(10, 0.2, seed=1) <= set(range(10))
+    assert len(held_out_prefixes(4, 0.2, seed=0)) == 1 and held_out_prefixes(1, 0.5, seed=0) == set()
+    assert held_out_prefixes(10, 0.0, seed=0) == set() and len(held_out_prefixes(3, 0.9, seed=0)) == 2
+
+
+def test_lora_discriminator_iteration_learns_reports_held_out_and_round_trips(tmp_path, tiny_model_dir, segmenter,
+                                                                              monkeypatch):
+    """One StepAgent-inverse iteration with `discriminator.backbone: lora`: D's loss falls on the steps
+    it trained on, the held-out prefix's accuracy is reported, the rewards are log D of the updated D
+    (adapter and head), and a restored run gives the same logits (adapter saved beside the head)."""
+    from algorithms import step_gail
+    from algorithms.data import step_prefixes
+    from algorithms.losses.gail import gail_reward
+    from algorithms.stepagent import Practice
+
+    experts = [_trajectory(str(k), item, ["Action: search[" + item + "]", "Action: click[buy]"])
+               for k, item in enumerate(["red mug", "blue lamp", "green cup"])]
+    practices = [Practice(e, sp, segmenter.action_ids(f"Thought: hmm {j}.\nAction: search[thing {j}]"))
+                 for e in experts for sp in step_prefixes(e) for j in range(2)]
+    monkeypatch.setattr(step_gail, "inspect_steps", lambda algo, n, m: practices)
+    algo = _lora_algo(tmp_path, tiny_model_dir, epochs=15, lr=1e-2, lora_lr=1e-2, held_out=0.2, max_tokens=64)
+    seen = _capture_update(algo)
+    metrics = algo.training_step()
+    assert metrics["data/expert_steps"] == 6 and metrics["disc/heldout_steps"] == 1 + 2  # one prefix, 2 samples
+    assert metrics["disc/loss"] < metrics["disc/loss_before"]
+    assert 0 <= metrics["disc/heldout_acc"] <= 1 and metrics["disc/heldout_acc"] == pytest.approx(
+        (metrics["disc/heldout_acc_expert"] + metrics["disc/heldout_acc_agent"]) / 2)
+    windows = [window(d.sequence, 64) for d in seen["data"]]
+    logits = lora_logits(algo.backbone(), algo.discriminator(), windows, batch_size=4)
+    assert [d.reward for d in seen["data"]] == pytest.approx(gail_reward(logits).tolist(), abs=1e-5)
+    algo.iteration = 1
+    algo.save()
+    restored = StepGAIL.restore(tmp_path / "run")
+    again = lora_logits(restored.backbone(), restored.discriminator(), windows, batch_size=4)
+    torch.testing.assert_close(again, logits, atol=1e-6, rtol=0)
+    fresh = _lora_algo(tmp_path / "fresh", tiny_model_dir)  # an untrained adapter gives other logits
+    assert not torch.allclose(lora_logits(fresh.backbone(), fresh.discriminator(), windows, batch_size=4), logits)
+    frozen = StepGAIL(StepGAILConfig(model=str(tiny_model_dir), run_dir=str(tmp_path / "other"), practice_samples=2))
+    with pytest.raises(RuntimeError, match="lora backbone, the config asks for discriminator.backbone: frozen"):
+        frozen.load_state(tmp_path / "run")
 
 
 # ---- the iterations' data, without Ray (rollouts and the Ray Train update stubbed) ----------------------
@@ -402,7 +490,7 @@ def test_step_gail_iteration_rewards_are_log_d_of_the_updated_head(tmp_path, tin
                  for e in experts for sp in step_prefixes(e) for j in range(2)]
     monkeypatch.setattr(step_gail, "inspect_steps", lambda algo, n, m: practices)
     algo = StepGAIL(StepGAILConfig(model=str(tiny_model_dir), run_dir=str(tmp_path), practice_samples=2,
-                                   disc_epochs=20, disc_lr=1e-2))
+                                   discriminator=DiscriminatorSection(epochs=20, lr=1e-2)))
     seen = _capture_update(algo)
     metrics = algo.training_step()
     data = seen["data"]
@@ -471,5 +559,11 @@ def test_configs_validate_ppo_fields_and_groups():
         from_dict(PPOConfig, {"loss": {"clip_eps": 0.0}})
     with pytest.raises(ConfigError, match=r"^loss.entropy_coef: must be a finite number >= 0, got -1.0"):
         from_dict(StepGAILConfig, {"loss": {"entropy_coef": -1.0}})
+    with pytest.raises(ConfigError, match=r"^unknown key disc_epochs; it is discriminator.epochs now"):
+        from_dict(StepGAILConfig, {"disc_epochs": 3})
+    with pytest.raises(ConfigError, match=r"^discriminator.backbone: must be one of frozen, lora, got 'full'"):
+        from_dict(StepGAILConfig, {"discriminator": {"backbone": "full"}})
+    with pytest.raises(ConfigError, match=r"^discriminator.held_out: must be in \[0, 1\), got 1.0"):
+        from_dict(StepGAILConfig, {"discriminator": {"held_out": 1.0}})
     with pytest.raises(ConfigError, match=r"^unknown key train.loss"):  # one home: the algorithm's `loss`
         from_dict(PPOConfig, {"train": {"loss": {"kl_coef": 0.1}}})

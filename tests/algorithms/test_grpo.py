@@ -112,7 +112,8 @@ def test_per_token_advantages_clip_high_and_loss_aggregations_hand_values():
       Other tokens: r = 1 -> term -A: -1, -1 (row 0), -0.5 (row 1).
     token-mean: (-1 - 1 + 1.6 - 0.5)/4 = -0.225
     seq-mean-token-mean: ((-1 - 1 + 1.6)/3 + (-0.5)/1)/2 = (-0.1333333 - 0.5)/2 = -0.3166667
-    seq-mean-token-sum-norm, norm 4: ((-0.4)/4 + (-0.5)/4)/2 = -0.1125"""
+    seq-mean-token-sum-norm, norm 4: ((-0.4)/4 + (-0.5)/4)/2 = -0.1125
+    Metrics take the same mean: clip_frac 1/4 (token mean), (1/3 + 0)/2 = 1/6 (sequence means)."""
     old = torch.tensor([[0.0, -1.0, -1.0, 0.0, -1.0], [0.0, -1.0, 0.0, 0.0, 0.0]], dtype=f64)
     logps = old.clone()
     logps[0, 4] += math.log(0.5)
@@ -122,7 +123,8 @@ def test_per_token_advantages_clip_high_and_loss_aggregations_hand_values():
                       ("seq-mean-token-sum-norm", -0.1125)):
         loss, m = ppo_loss(logps, old, adv, mask, clip_eps=0.2, clip_high=0.28, loss_agg=agg, norm_tokens=4)
         assert loss.item() == pytest.approx(want, abs=1e-12), agg
-        assert m["ppo/clip_frac"] == pytest.approx(1 / 4)
+        # clipped: row 0's token 4 -> 1 of 4 agent tokens, or the mean of rows' shares (1/3 + 0)/2
+        assert m["ppo/clip_frac"] == pytest.approx(1 / 4 if agg == "token-mean" else 1 / 6), agg
     # Symmetric clip and the same per-sequence advantage as a (B,) vector give the old results.
     loss_b, _ = ppo_loss(logps, old, torch.tensor([1.0, 0.5], dtype=f64), mask)
     loss_bl, _ = ppo_loss(logps, old, torch.tensor([[1.0] * 5, [0.5] * 5], dtype=f64), mask)
@@ -227,3 +229,61 @@ def test_gigpo_puts_each_turns_advantage_on_its_tokens(tmp_path, tiny_model_dir,
             assert a == pytest.approx({-1: 0.0, 0: a0, 1: a1}[t] if m else 0.0, abs=1e-12)
     assert metrics["gigpo/grouped_steps_frac"] == pytest.approx(4 / 8)  # turn 0 of a and b, each a pair
     assert obj.loss_agg == "token-mean"
+
+
+@pytest.mark.slow
+def test_loss_aggregations_over_micro_batches_are_the_batch_means(tmp_path, tiny_model_dir):
+    """Ray Train + DeepSpeed, one step over all 8 examples (micro-batches of 2, 4 accumulation steps),
+    per-token advantages. At step 0 the ratio is 1, so the logged policy loss is agg(-A) over the
+    whole batch, computed here by hand from the data: the token mean for token-mean, the mean of the
+    sequences' token means for seq-mean-token-mean. The loop weighs micro-batches by the objective's
+    units (agent tokens, or 1 per sequence); the wrong units would log another weighted mean."""
+    import random
+
+    import ray
+
+    from algorithms.losses import PPOObjective
+    from rl_agents.train import DeepSpeedConfig, ModelConfig, OptimConfig, TrainConfig, train
+    from tests.algorithms.test_gail_ppo import _examples
+
+    rng = random.Random(3)
+    data = [PPOExample(e.sequence, [rng.uniform(-2, 2) if m else 0.0 for m in e.sequence.action_mask], e.reward)
+            for e in _examples(8, seed=11)]
+    agent = [[a for a, m in zip(e.advantage, e.sequence.action_mask) if m] for e in data]
+    assert len({len(a) for a in agent}) > 1  # sequences of different lengths: the two means differ
+    hand = {"token-mean": -sum(map(sum, agent)) / sum(map(len, agent)),
+            "seq-mean-token-mean": -sum(sum(a) / len(a) for a in agent) / len(agent)}
+    assert abs(hand["token-mean"] - hand["seq-mean-token-mean"]) > 1e-3
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for agg, want in hand.items():
+            cfg = TrainConfig(model=ModelConfig(path=str(tiny_model_dir)), deepspeed=DeepSpeedConfig(zero_stage=2),
+                              optim=OptimConfig(lr=1e-3, warmup_ratio=0.0, epochs=1, batch_size=8, micro_batch_size=2),
+                              num_workers=1, storage_path=str(tmp_path), name=agg)
+            (row,) = train(PPOObjective(loss_agg=agg), data, cfg).history
+            assert row["ppo/ratio_mean"] == 1.0
+            assert row["loss/policy"] == pytest.approx(want, rel=1e-5), agg
+    finally:
+        ray.shutdown()
+
+
+def test_drop_keeps_a_gigpo_task_whose_steps_still_differ_and_an_update_without_signal_is_skipped(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """Task b's two episodes both got 0.5, so GRPO drops it; GiGPO keeps it when its turn rewards give
+    its shared first step different returns (here: 0.5 then 0 vs 0 then 0.5, γ = 0.5 -> returns 0.5 and
+    0.25). With every advantage 0 and no entropy/KL term the update is skipped, not run."""
+    def explored(segmenter):
+        trajs = _explored(segmenter)
+        trajs[3].turns[2].reward, trajs[3].turns[4].reward = 0.0, 0.5  # b/3 earns its 0.5 on its 2nd turn
+        return trajs
+    for algo_name, kept in (("grpo", 2), ("gigpo", 4)):
+        algo = _algorithm(algo_name, ["zero_variance=drop", "gamma=0.5"] if algo_name == "gigpo" else
+                          ["zero_variance=drop"], tmp_path, tiny_model_dir)
+        monkeypatch.setattr(algo, "explore", lambda a=algo: explored(a.segmenter()))
+        monkeypatch.setattr(algo, "update", lambda data, **kw: {"data/n": len(data)})
+        assert algo.training_step()["data/n"] == kept, algo_name
+    flat = _algorithm("grpo", [], tmp_path, tiny_model_dir)
+    monkeypatch.setattr(flat, "explore", lambda: [t for t in _explored(flat.segmenter()) if t.task_id == "b"])
+    monkeypatch.setattr(flat, "update", lambda data, **kw: pytest.fail("an update without signal ran"))
+    metrics = flat.training_step()
+    assert metrics["train/skipped"] == 1 and metrics["data/zero_advantage_frac"] == 1

@@ -256,9 +256,12 @@ def test_the_state_each_action_was_taken_in_is_recorded_where_the_env_names_it(h
     t = 0, after step t-1 otherwise); an env without keys records none."""
     keyed = RolloutConfig("tests.rl_agents.test_rollout:tests/KeyedEcho-v0", num_envs=2,
                           sampling=SamplingParams(temperature=0.0, max_new_tokens=4))
-    trajs = {t.task_id: t for t in RolloutWorker(hf_engine, keyed).rollout(make_tasks(["train-2", "train-4"]))}
+    tasks = make_tasks(["train-2", "train-4", "crash-6"])
+    trajs = {t.task_id: t for t in RolloutWorker(hf_engine, keyed).rollout(tasks)}
     assert trajs["train-2"].metadata["state_keys"] == ["train-2@0", "train-2@1", "train-2@2"]  # 3 steps: terminated
     assert trajs["train-4"].metadata["state_keys"] == ["train-4@0", "train-4@1", "train-4@2", "train-4@3"]  # budget 4
+    crashed = trajs["crash-6"]  # the env raised at its 2nd step: that turn acted in the state after step 1
+    assert crashed.metadata["stop_reason"] == "error" and crashed.metadata["state_keys"] == ["crash-6@0", "crash-6@1"]
     plain = _worker(hf_engine, num_envs=2, max_new_tokens=4)
     assert all("state_keys" not in t.metadata for t in plain.rollout(make_tasks(["train-2"])))
 
