@@ -417,7 +417,8 @@ class RolloutSection:
     """
 
     engine: Literal["hf", "vllm"] = "hf"
-    """Generation engine of the rollout workers: Hugging Face generate (CPU) or vLLM (GPU)."""
+    """Generation engine of the rollout workers: Hugging Face generate (the CPU default) or vLLM (GPU,
+    or CPU in the `.venv-vllm` environment: `make install-vllm`)."""
     num_workers: int = 1
     """Rollout actors."""
     envs_per_worker: int = 16

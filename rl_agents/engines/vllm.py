@@ -8,8 +8,13 @@ and sampled at T = 0.7 in the default `raw` mode); greedy output identical to th
 4 of 4 prompts; stop-token trimming; per-seed repeatable sampling. Also tested there: a LoRA adapter
 update (`LoRARequest`, log-probs of the merged model), a full-weight update (`reload="recreate"`,
 the CPU default; tied embeddings changed too) and `sleep()` saying once that it frees nothing on
-CPU, and `logprobs_mode="processed"` giving the tempered distribution. Not yet exercised: vLLM
-inside the rollout actors, and every GPU path (the in-place `rpc` reload, sleep mode, CUDA, NCCL, tensor parallelism).
+CPU, and `logprobs_mode="processed"` giving the tempered distribution. Inside the Ray rollout
+actors (`rollout.engine: vllm`, `tests/rl_agents/test_vllm_rollouts.py`): token-exact trajectories,
+the same greedy actions as the HF engine on 6 of 6 TextShop tasks (4 turns each), and an ETO
+iteration end to end (explore, DPO on Ray Train, the merged policy recreated in the engines with
+the weight-sync check at 2.2e-5, evaluation). vLLM's CPU attention takes no head_dim 16 (the tiny
+test Llama): use a real model. Not yet exercised: every GPU path (the in-place `rpc` reload, sleep
+mode, CUDA, NCCL, tensor parallelism).
 
 What it uses, and why:
 * `LLM(model=..., dtype=..., enable_lora=..., logprobs_mode=..., worker_extension_cls=...)`
