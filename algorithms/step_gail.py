@@ -169,29 +169,39 @@ class DiscriminatorHead(nn.Module):
         return self.net(features).squeeze(-1)
 
 
-def train_discriminator(head: DiscriminatorHead, expert: torch.Tensor, agent: torch.Tensor, *, epochs: int,
-                        lr: float, batch_size: int, seed: int) -> float:
-    """Adam on `gail_discriminator_loss`: `epochs` passes over expert (N_e, H) and agent (N_a, H)
-    features, each mini-batch holding a shuffled share of both classes. Returns the last epoch's
-    mean loss."""
+def _alternate(head: DiscriminatorHead, opt: torch.optim.Optimizer, step, n_e: int, n_a: int, *, epochs: int,
+               batch_size: int, seed: int) -> float:
+    """The discriminator's training loop: `epochs` passes, each over mini-batches that hold a shuffled
+    share of both classes; `step(expert_idx, agent_idx)` backpropagates one mini-batch's loss and
+    returns it. Returns the last epoch's mean loss."""
     gen = torch.Generator().manual_seed(seed)
-    n_e, n_a = len(expert), len(agent)
     n_batches = max(1, min(math.ceil((n_e + n_a) / batch_size), n_e, n_a))
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
     head.train()
     last = float("nan")
     for _ in range(epochs):
         losses = []
         for ie, ia in zip(torch.randperm(n_e, generator=gen).tensor_split(n_batches),
                           torch.randperm(n_a, generator=gen).tensor_split(n_batches)):
-            loss = gail_discriminator_loss(head(expert[ie]), head(agent[ia]))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.append(step(ie, ia))
             opt.step()
-            losses.append(loss.item())
         last = sum(losses) / len(losses)
     head.eval()
     return last
+
+
+def train_discriminator(head: DiscriminatorHead, expert: torch.Tensor, agent: torch.Tensor, *, epochs: int,
+                        lr: float, batch_size: int, seed: int) -> float:
+    """Adam on `gail_discriminator_loss`: `epochs` passes over expert (N_e, H) and agent (N_a, H)
+    features, each mini-batch holding a shuffled share of both classes. Returns the last epoch's
+    mean loss."""
+    def step(ie, ia) -> float:
+        loss = gail_discriminator_loss(head(expert[ie]), head(agent[ia]))
+        loss.backward()
+        return loss.item()
+
+    return _alternate(head, torch.optim.Adam(head.parameters(), lr=lr), step, len(expert), len(agent),
+                      epochs=epochs, batch_size=batch_size, seed=seed)
 
 
 def train_lora_discriminator(lm: nn.Module, head: DiscriminatorHead, expert: list[EncodedSequence],
@@ -201,24 +211,11 @@ def train_lora_discriminator(lm: nn.Module, head: DiscriminatorHead, expert: lis
     trainable (LoRA) parameters (lr `lora_lr`), by backpropagation through φ, each mini-batch's
     gradient accumulated over small forwards (`accumulate_gradients`). Returns the last epoch's
     mean loss."""
-    gen = torch.Generator().manual_seed(seed)
-    n_e, n_a = len(expert), len(agent)
-    n_batches = max(1, min(math.ceil((n_e + n_a) / batch_size), n_e, n_a))
     trainable = [p for p in lm.parameters() if p.requires_grad]
     opt = torch.optim.Adam([{"params": list(head.parameters()), "lr": lr}, {"params": trainable, "lr": lora_lr}])
-    head.train()
-    last = float("nan")
-    for _ in range(epochs):
-        losses = []
-        for ie, ia in zip(torch.randperm(n_e, generator=gen).tensor_split(n_batches),
-                          torch.randperm(n_a, generator=gen).tensor_split(n_batches)):
-            opt.zero_grad(set_to_none=True)
-            losses.append(accumulate_gradients(lm, head, [expert[i] for i in ie], [agent[i] for i in ia],
-                                               micro_batch_size=micro_batch_size, pad_id=pad_id))
-            opt.step()
-        last = sum(losses) / len(losses)
-    head.eval()
-    return last
+    step = lambda ie, ia: accumulate_gradients(lm, head, [expert[i] for i in ie], [agent[i] for i in ia],  # noqa: E731
+                                               micro_batch_size=micro_batch_size, pad_id=pad_id)
+    return _alternate(head, opt, step, len(expert), len(agent), epochs=epochs, batch_size=batch_size, seed=seed)
 
 
 def accumulate_gradients(lm: nn.Module, head: DiscriminatorHead, expert: list[EncodedSequence],
