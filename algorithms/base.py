@@ -18,12 +18,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from rl_agents import storage
 from rl_agents.config import ConfigError, from_dict, to_dict
 from rl_agents.rollout_group import RolloutSection
 from rl_agents.train.config import TrainConfig
@@ -120,7 +122,9 @@ class Algorithm:
 
         self.config = config
         self.run_dir = Path(config.run_dir).resolve()
-        self.policy = str(Path(resolve_model(config.model)).resolve())
+        model = storage.follow_pointer(config.model)  # runs/x/policy may stand for the URI in runs/x/policy.uri
+        local = str(Path(resolve_model(model)).resolve())  # a URI: checked, and this node's copy made
+        self.policy = model if storage.is_uri(model) else local  # other nodes copy a URI themselves
         self.iteration = 0
         self.history: list[dict[str, Any]] = []
         self._group = None
@@ -277,7 +281,7 @@ class Algorithm:
             env = self.config.env
             kwargs = {**env.env_kwargs, **({"max_turns": env.max_turns} if env.max_turns else {})}
             self._group = self.config.rollout.make_group(self.policy, env.env_id, env_kwargs=kwargs)
-            self._group.check_updates_reach(self.run_dir)  # multi-node: fail now, not at the first update
+            self._group.check_updates_reach(self.store)  # multi-node: fail now, not at the first update
         return self._group
 
     def segmenter(self):
@@ -335,6 +339,26 @@ class Algorithm:
         write_jsonl(self.run_dir / "trajectories" / f"explore_iter{self.iteration}.jsonl", trajs)
         return trajs
 
+    @property
+    def store(self) -> str:
+        """Where the updates' Ray Train runs (`train/`) and the policies go: `run_dir`, or, when
+        `train.storage_path` is a URI (`s3://...`; every node then reads the policies from there,
+        `rl_agents.storage`), `<train.storage_path>/<run_dir's name>-<random id>`: the id is drawn
+        when the run starts and kept in `run_dir/store.uri`, so that a resumed run finds its own
+        checkpoints and no two runs (Tune trials, seeds, a fresh run_dir) ever share them. A path
+        in `train.storage_path` is not used: the trainer's runs go in `run_dir/train`."""
+        uri = self.config.train.storage_path
+        if not storage.is_uri(uri):
+            return str(self.run_dir)
+        pointer = self.run_dir / "store.uri"
+        if pointer.is_file():
+            return pointer.read_text(encoding="utf-8").strip()
+        import secrets
+
+        store = storage.join(uri, f"{self.run_dir.name}-{secrets.token_hex(4)}")
+        atomic_write_text(pointer, store + "\n")
+        return store
+
     def train_config(self, data: list, objective: Objective) -> TrainConfig:
         """This update's `TrainConfig`, a new value (`self.config.train` is never changed): the current
         policy, the run's storage, a name that resumes this very update (iteration, objective, data
@@ -348,7 +372,7 @@ class Algorithm:
                 raise ValueError(f"{len(data)} examples are fewer than one micro-batch per worker ({step})")
             optim = dataclasses.replace(optim, batch_size=len(data) // step * step)
         return dataclasses.replace(tc, model=dataclasses.replace(tc.model, path=self.policy), optim=optim,
-                                   storage_path=str(self.run_dir / "train"),
+                                   storage_path=storage.join(self.store, "train"),
                                    name=f"iter{self.iteration}-{objective.name}-{data_digest(data)[:10]}",
                                    seed=tc.seed + self.config.seed)  # the run seed reaches the trainer
 
@@ -365,9 +389,21 @@ class Algorithm:
         result = train(objective, data, cfg, **kw)
         new_policy = result.checkpoint_path
         if cfg.lora.enabled:
-            new_policy = merge_lora(self.policy, result.checkpoint_path, self.run_dir / "policies" / f"iter{self.iteration}")
+            adapter = storage.local_copy(result.checkpoint_path, skip=("trainer",))
+            if storage.is_uri(self.store):  # the merged policy goes where every node reads it
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="rl_agents_merge_") as tmp:
+                    merged = merge_lora(self.policy, adapter, Path(tmp) / "policy")
+                    new_policy = storage.join(self.store, "policies", f"iter{self.iteration}")
+                    storage.upload_policy(merged, new_policy)
+            else:
+                new_policy = merge_lora(self.policy, adapter, self.run_dir / "policies" / f"iter{self.iteration}")
         self.policy = str(new_policy)
-        _link(self.run_dir / "policy", self.policy)
+        if storage.is_uri(self.policy):
+            atomic_write_text(self.run_dir / "policy.uri", self.policy + "\n")
+        else:
+            _link(self.run_dir / "policy", self.policy)
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         if self._group is not None:
             self._group.update_weights(self.policy)
@@ -424,7 +460,8 @@ def should_check_sync(policy: str | Path, mode: str) -> bool:
     """`rollout.sync_check`: 'auto' checks policies whose safetensors total under 2 GiB."""
     if mode != "auto":
         return mode == "always"
-    return sum(f.stat().st_size for f in Path(policy).glob("*.safetensors")) < SYNC_CHECK_MAX_BYTES
+    sizes = storage.file_sizes(policy)  # a path or a URI
+    return sum(v for k, v in sizes.items() if "/" not in k and k.endswith(".safetensors")) < SYNC_CHECK_MAX_BYTES
 
 
 def _link(link: Path, target: str) -> None:
@@ -444,8 +481,6 @@ def merge_lora(base: str, adapter: str, out: str | Path) -> str:
 
     Built in a temporary sibling directory and swapped in atomically (`fileio.replace_dir`): a
     failure leaves the old `out` (if any) and no temporary directory behind."""
-    import shutil
-
     from peft import PeftModel
 
     from rl_agents.fileio import fix_modes, make_tmp_dir, replace_dir, write_error

@@ -22,7 +22,6 @@ import os
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rl_agents.prompting import parse_action
@@ -113,9 +112,15 @@ def successful(trajectories: Iterable[Trajectory], threshold: float = 1.0) -> li
 def context_length(model: str | os.PathLike) -> int | None:
     """The context of the checkpoint `model` (a directory): `max_position_embeddings` of its
     config.json (`n_positions` / `max_sequence_length` for models that name it so); None if unknown."""
+    from rl_agents import storage
+
     try:
-        cfg = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cfg = json.loads(storage.read_text(storage.join(model, "config.json")))  # a path or a URI
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError:
+        if storage.is_uri(model):
+            raise  # the store cannot be read: not "no context length", which would skip the length check
         return None
     cfg = {**cfg.get("text_config", {}), **cfg} if isinstance(cfg.get("text_config"), dict) else cfg
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):

@@ -85,10 +85,17 @@ def preflight(cfg: AlgorithmConfig) -> None:
     Raises `ConfigError` naming the key (data files: `TrajectoryFormatError` naming file:line)."""
     from rl_agents.models import resolve_model
 
+    from rl_agents import storage
+
     try:
         resolve_model(cfg.model)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a model at a URI that cannot be read
         raise ConfigError(f"model: {e}") from None
+    if storage.is_uri(cfg.train.storage_path):  # bucket, endpoint and credentials: now, not at the first update
+        try:
+            storage.probe(cfg.train.storage_path)
+        except ValueError as e:
+            raise ConfigError(f"train.storage_path: {e}") from None
     cls = env_class(cfg.env.env_id)
     splits = getattr(cls, "splits", None)
     if splits is not None:

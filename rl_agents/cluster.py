@@ -14,6 +14,8 @@ A policy goes to the rollout workers in one of two ways:
   path, i.e. the run directory is on shared storage (NFS, a mounted bucket). `unreadable_nodes`
   checks that before any work starts, so that a node-local `run_dir` fails at start with an error
   that says what to set, not hours later on the first update.
+- **by URI** (a policy at `s3://...`, `gs://...`: `train.storage_path` is a URI): each node copies
+  it from there once (`rl_agents.storage.local_copy`, without the checkpoint's `trainer/` state).
 """
 
 from __future__ import annotations
@@ -134,6 +136,12 @@ class Weights:
         is at most `max_bytes`; else by path."""
         import ray
 
+        from rl_agents import storage
+
+        if storage.is_uri(path):  # every node reads it from there
+            sizes = storage.file_sizes(path)
+            return cls(str(path), version, node_id(), None, "",
+                       sum(v for k, v in sizes.items() if not k.startswith("trainer/")))
         path = os.path.abspath(path)
         nbytes = dir_bytes(path)
         if not multi_node() or nbytes > max_bytes:
@@ -155,6 +163,10 @@ class Weights:
         else the node-local copy, made on first use."""
         import ray
 
+        from rl_agents import storage
+
+        if storage.is_uri(self.path):
+            return storage.local_copy(self.path, skip=("trainer",))
         if self.files is None or node_id() == self.node:
             return self.path
         dst = Path(tempfile.gettempdir()) / WEIGHTS_DIR / self.digest

@@ -161,7 +161,10 @@ class LocalCluster:
         ray = str(Path(sys.executable).parent / "ray")
         cmd = [ray, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--num-cpus={cpus}",
                f"--node-ip-address={ip}", f"--resources={json.dumps({name: 1, **(resources or {})})}",
-               f"--object-store-memory={self.object_store_mb * 2**20}"]
+               f"--object-store-memory={self.object_store_mb * 2**20}",
+               # Ray's fixed default (52365) is taken by any other Ray on this machine, and then the
+               # job agent never comes up ("No available agent to submit job").
+               f"--dashboard-agent-listen-port={_free_port()}"]
         if head:
             cmd += ["--head", f"--port={self.port}", "--include-dashboard=true", f"--dashboard-host={ip}",
                     f"--dashboard-port={self.dashboard_port}"]

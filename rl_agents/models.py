@@ -197,12 +197,20 @@ MODEL_ALIASES: dict[str, Callable[[], Path]] = {
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """An alias (`smollm2-135m`, `tiny-llama`), a local HF checkpoint directory, or a hub id
-    (`org/name`) already in the local Hugging Face cache (`hf download org/name`; looked up with
-    `local_files_only=True`, never fetched) -> its path."""
+    """An alias (`smollm2-135m`, `tiny-llama`), a local HF checkpoint directory, a directory at a
+    filesystem URI (`s3://...`, `rl_agents.storage`: copied once into a node-local cache, without a
+    checkpoint's `trainer/` state), or a hub id (`org/name`) already in the local Hugging Face cache
+    (`hf download org/name`; looked up with `local_files_only=True`, never fetched) -> its path."""
+    from rl_agents import storage
+
     key = str(name_or_path)
     if key.lower() in MODEL_ALIASES:
         return str(MODEL_ALIASES[key.lower()]())
+    key = storage.follow_pointer(key)  # runs/x/policy of a run whose policies live at a URI: runs/x/policy.uri
+    if storage.is_uri(key):
+        if not storage.is_file(storage.join(key, "config.json")):
+            raise ValueError(f"model {key}: no config.json there (not a Hugging Face checkpoint directory)")
+        return storage.local_copy(key, skip=("trainer",))
     path = Path(key).expanduser()
     if (path / "config.json").is_file():
         return str(path)

@@ -94,8 +94,10 @@ class RolloutGroup:
     def _publish(self, path: str | Path, version: int) -> Weights:
         """`Weights` for the workers; on a multi-node cluster a policy too big for the object store
         must be readable on every node, checked here (before any worker loads it)."""
+        from rl_agents import storage
+
         weights = Weights.publish(path, version, self.object_store_weights_bytes)
-        if not weights.shipped and multi_node():
+        if not weights.shipped and not storage.is_uri(weights.path) and multi_node():
             missing = unreadable_nodes(weights.path)
             if missing:
                 raise ConfigError(
@@ -109,12 +111,13 @@ class RolloutGroup:
     def check_updates_reach(self, directory: str | Path, key: str = "run_dir") -> None:
         """At the start of a run whose new policies will be written under `directory` (`key` names
         the setting): on a multi-node cluster, policies the size of the current one that go by
-        path (over `object_store_weights_bytes`) need `directory` readable on every node. Raise
-        `ConfigError` now, not at the first update hours later."""
+        path (over `object_store_weights_bytes`) need `directory` readable on every node (a URI
+        is: every node reaches it). Raise `ConfigError` now, not at the first update hours later."""
+        from rl_agents import storage
         from rl_agents.cluster import dir_bytes
         from rl_agents.models import resolve_model
 
-        if not multi_node():
+        if not multi_node() or storage.is_uri(directory):
             return
         size = self.initial.nbytes if self.initial is not None else dir_bytes(resolve_model(self.engine.model))
         if size <= self.object_store_weights_bytes:

@@ -53,3 +53,39 @@ def tiny_model(tiny_model_dir):
     from rl_agents.models import load_model
 
     return load_model(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server, in this process, on every interface: nodes in their own network
+    namespace reach it at the head's address) with one bucket, `rl-agents`; yields a function giving
+    a fresh `s3://rl-agents/<prefix>-<n>?endpoint_override=<host>:<port>&...` URI. The credentials
+    are dummies in the environment (as on a real node), set before any Ray node or worker starts
+    from this process."""
+    import itertools
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    server = ThreadedMotoServer(ip_address="0.0.0.0", port=0, verbose=False)
+    server.start()
+    port = server.get_host_and_port()[1]
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="rl-agents")
+    counter = itertools.count()
+
+    def uri(prefix: str = "run", host: str = "127.0.0.1") -> str:
+        return f"s3://rl-agents/{prefix}-{next(counter)}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+
+    yield uri
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rl_agents import storage
 from rl_agents.batches import EncodedSequence
 from rl_agents.train.config import DeepSpeedConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
 from rl_agents.train.metrics import read_metrics
@@ -49,7 +50,8 @@ logger = logging.getLogger(__name__)
 class TrainResult:
     checkpoint_path: str
     """Final checkpoint: HF layout (`AutoModelForCausalLM.from_pretrained`) or, with LoRA, a peft
-    adapter (`PeftModel.from_pretrained(base, path)`); `trainer/` inside holds the resume state."""
+    adapter (`PeftModel.from_pretrained(base, path)`); `trainer/` inside holds the resume state. A
+    URI when `storage_path` is one: `rl_agents.models.resolve_model(uri)` gives a local copy."""
     metrics: dict[str, Any]
     """Metrics of the last step."""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -155,15 +157,20 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
     _check_data(objective, data, cfg)
     ref_mode = _resolve_ref(objective, cfg, ref, len(data))
     name = cfg.name or f"{objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = os.path.abspath(os.path.expanduser(cfg.storage_path))
-    run_dir = Path(storage) / name
-    model_dir = os.path.abspath(resolve_model(cfg.model.path))
+    store = storage.normalize(cfg.storage_path)  # a path, or a URI every node reaches by itself
+    run_dir = storage.join(store, name)
+    # A URI model is copied by each worker's node (`resolve_model`); a local one must be there already.
+    model_dir = cfg.model.path if storage.is_uri(cfg.model.path) else os.path.abspath(resolve_model(cfg.model.path))
+    if storage.is_uri(store):
+        ray_fs, ray_path = storage.filesystem(store)
+    else:
+        ray_fs, ray_path = None, store
+        _set_aside_torn_snapshot(Path(run_dir))
     init_ray()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {}), **cfg.resources_per_worker}
-    resources.update(_pin_to_driver_node(cfg, storage, model_dir))
+    resources.update(_pin_to_driver_node(cfg, store, model_dir))
     loop_config = {"cfg": cfg, "objective": objective, "data": ray.put(list(data)), "ref": ref_mode,
-                   "run_dir": str(run_dir), "model_dir": model_dir, "write_fault": os.environ.get(WRITE_FAULT_ENV)}
-    _set_aside_torn_snapshot(run_dir)
+                   "run_dir": run_dir, "model_dir": model_dir, "write_fault": os.environ.get(WRITE_FAULT_ENV)}
     failures = 0
     while True:
         # Ray Train retries every worker error (FailureConfig.max_failures), so restarts are ours: a
@@ -174,7 +181,8 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
             torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                          resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
-            run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=0),
+            run_config=RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs,
+                                 failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         )
         try:
@@ -189,11 +197,12 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
             failures += 1
             logger.warning("run %s: worker failure %d of at most %d, restarting from its latest checkpoint: %s",
                            run_dir, failures, cfg.max_failures, e)
-            _set_aside_torn_snapshot(run_dir)
-    history = read_metrics(run_dir / "metrics.jsonl")
-    if result.checkpoint is not None:
-        return TrainResult(checkpoint_path=result.checkpoint.path, metrics=dict(result.metrics or {}),
-                           history=history, run_dir=str(run_dir))
+            if ray_fs is None:
+                _set_aside_torn_snapshot(Path(run_dir))
+    history = read_metrics(storage.join(run_dir, "metrics.jsonl"))
+    if result.checkpoint is not None:  # its path in Ray's filesystem: as a path or URI of ours
+        return TrainResult(checkpoint_path=storage.join(run_dir, storage.name(result.checkpoint.path)),
+                           metrics=dict(result.metrics or {}), history=history, run_dir=run_dir)
     # Nothing reported: a finished run, re-run after its Ray snapshot was set aside (resumed at its end).
     from rl_agents.train.checkpoint import latest_complete
 
@@ -201,22 +210,24 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
     if final is None:
         raise RuntimeError(f"run {run_dir} finished without a checkpoint")
     last = {k: v for k, v in (history or [{}])[-1].items() if k != "step"}
-    return TrainResult(checkpoint_path=str(final), metrics=last, history=history, run_dir=str(run_dir))
+    return TrainResult(checkpoint_path=str(final), metrics=last, history=history, run_dir=run_dir)
 
 
-def _pin_to_driver_node(cfg: TrainConfig, storage: str, model_dir: str) -> dict[str, float]:
+def _pin_to_driver_node(cfg: TrainConfig, store: str, model_dir: str) -> dict[str, float]:
     """On a multi-node cluster where some node cannot read the storage path or the model (a node-local
     run directory), the workers' extra resource that keeps them on this (the driver's) node, where
-    both are; {} otherwise. `ConfigError` if that node cannot hold them."""
+    both are; {} otherwise (URIs: every node reaches them). `ConfigError` if that node cannot hold them."""
     from rl_agents.cluster import alive_nodes, multi_node, node_id, unreadable_nodes
     from rl_agents.config import ConfigError
     from rl_agents.models import MODEL_ALIASES
 
     if not multi_node():
         return {}
-    os.makedirs(storage, exist_ok=True)
-    blind = set(unreadable_nodes(storage))
-    if str(cfg.model.path).lower() not in MODEL_ALIASES:  # an alias is built on every node from the package
+    blind = set()
+    if not storage.is_uri(store):
+        os.makedirs(store, exist_ok=True)
+        blind |= set(unreadable_nodes(store))
+    if str(cfg.model.path).lower() not in MODEL_ALIASES and not storage.is_uri(model_dir):  # an alias is built on every node
         blind |= set(unreadable_nodes(model_dir, probe=False))
     if not blind:
         return {}
@@ -226,11 +237,11 @@ def _pin_to_driver_node(cfg: TrainConfig, storage: str, model_dir: str) -> dict[
     short = [k for k, v in need.items() if v and has.get(k, 0) < v]
     if short:
         raise ConfigError(
-            f"train.storage_path: {storage} (or the model {model_dir}) is not readable on {len(blind)} node(s), so "
+            f"train.storage_path: {store} (or the model {model_dir}) is not readable on {len(blind)} node(s), so "
             f"training must run on the driver's node {ip}, which has {', '.join(f'{has.get(k, 0):g} {k}' for k in short)} "
             f"for {', '.join(f'{need[k]:g} {k}' for k in short)}: put run_dir on storage every node mounts (docs/cluster.md)")
     logger.info("train: %d node(s) cannot read %s or %s; training workers stay on the driver's node %s "
-                "(put train.storage_path on shared storage to let them go anywhere)", len(blind), storage, model_dir, ip)
+                "(put train.storage_path on shared storage to let them go anywhere)", len(blind), store, model_dir, ip)
     return {f"node:{ip}": 0.001}
 
 

@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from rl_agents.fileio import WriteError, atomic_write_text, write_error
+from rl_agents import storage
+from rl_agents.fileio import WriteError, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -305,22 +306,30 @@ def _copy_tree(src: Path, dest: Path, fault=None) -> None:
 
 def publish_checkpoint(local_dir: str | os.PathLike, dest: str | os.PathLike, *, rank: int, world: int,
                        note: str = "", fault=None) -> None:
-    """Copy this rank's staged checkpoint files into `dest` (in the run directory); once every rank's
-    copy succeeded, rank 0 writes `dest/trainer/COMPLETE`. Collective (every rank, same `dest`).
+    """Copy this rank's staged checkpoint files into `dest` (in the run directory: a path, or a URI
+    of `rl_agents.storage`); once every rank's copy succeeded, rank 0 writes `dest/trainer/COMPLETE`.
+    Collective (every rank, same `dest`).
 
     A failed copy on any rank raises the same `WriteError` on every rank (naming the file and the
     cause) and removes `dest`; a stale `dest` from a killed attempt is removed first."""
     import torch.distributed as dist
 
-    dest = Path(dest)
+    uri = storage.is_uri(dest)
+    dest = str(dest) if uri else Path(dest)
     collective = world > 1 and dist.is_available() and dist.is_initialized()
-    if rank == 0 and dest.exists():
-        shutil.rmtree(dest, ignore_errors=True)
+    if rank == 0:
+        try:
+            storage.delete_dir(dest)
+        except OSError as e:  # never before the barrier: the other ranks would wait for rank 0 forever
+            logger.warning("could not remove the stale %s first (%s); writing over it", dest, e)
     if collective:
         dist.barrier()
     error = None
     try:
-        _copy_tree(Path(local_dir), dest, fault)
+        if uri:
+            storage.upload(local_dir, dest, fault)
+        else:
+            _copy_tree(Path(local_dir), dest, fault)
     except WriteError as e:
         error = e
     errors = [error]
@@ -330,30 +339,38 @@ def publish_checkpoint(local_dir: str | os.PathLike, dest: str | os.PathLike, *,
     error = next((e for e in errors if e is not None), None)
     if error is None and rank == 0:
         try:
-            atomic_write_text(dest / COMPLETE, note or "complete\n")
+            storage.write_text(storage.join(dest, COMPLETE), note or "complete\n")
         except WriteError as e:
             error = e  # the other ranks report; the checkpoint is never registered without rank 0's
     if error is not None:
         if rank == 0:
-            shutil.rmtree(dest, ignore_errors=True)
+            try:
+                storage.delete_dir(dest)
+            except OSError as e:
+                logger.warning("could not remove the partial %s (%s): it has no %s, so no resume uses it",
+                               dest, e, COMPLETE)
         raise error
 
 
 def is_complete(ckpt_dir: str | os.PathLike) -> bool:
-    return (Path(ckpt_dir) / COMPLETE).is_file()
+    return storage.is_file(storage.join(ckpt_dir, COMPLETE))
 
 
-def latest_complete(run_dir: str | os.PathLike) -> Path | None:
-    """The `checkpoint_*` directory of `run_dir` with the highest step that has `trainer/COMPLETE`."""
+def latest_complete(run_dir: str | os.PathLike) -> Path | str | None:
+    """The `checkpoint_*` directory of `run_dir` with the highest step that has `trainer/COMPLETE`
+    (a Path; a URI string when `run_dir` is a URI)."""
     found = []
-    for d in Path(run_dir).glob("checkpoint_*"):
-        m = re.fullmatch(r"checkpoint_(\d+)", d.name)
-        if m and d.is_dir() and is_complete(d):
+    for name in storage.list_dirs(run_dir):
+        m = re.fullmatch(r"checkpoint_(\d+)", name)
+        if m and is_complete(d := storage.join(run_dir, name)):
             found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
+    if not found:
+        return None
+    best = max(found)[1]
+    return best if storage.is_uri(run_dir) else Path(best)
 
 
-def resume_dir(reported: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path | None:
+def resume_dir(reported: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path | str | None:
     """Where to resume from: Ray's latest reported checkpoint if it is complete; otherwise (none
     reported, e.g. Ray's snapshot was torn and set aside, or one without `trainer/COMPLETE`) the
     newest complete `checkpoint_*` of the run directory; None: start at step 0."""

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rl_agents import storage
 from rl_agents.config import ConfigError
 
 
@@ -24,7 +25,8 @@ def _check(ok: bool, key: str, msg: str, value) -> None:
 @dataclass
 class ModelConfig:
     path: str = "tiny-llama"
-    """Local Hugging Face checkpoint directory, or an alias `rl_agents.models.resolve_model` knows
+    """Local Hugging Face checkpoint directory, a directory at a filesystem URI (`s3://...`: each
+    worker's node copies it once), or an alias `rl_agents.models.resolve_model` knows
     (`smollm2-135m`, `tiny-llama`). Never downloaded from the hub."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype the weights are loaded and trained in without DeepSpeed (DDP: pure bf16 if `bfloat16`).
@@ -126,9 +128,11 @@ class TrainConfig:
     default."""
     storage_path: str = "~/rl_agents_runs"
     """Where Ray Train writes the run (`<storage_path>/<name>/`: checkpoints, metrics.jsonl,
-    tensorboard/). A local or shared filesystem path. On a multi-node cluster, where some node
-    cannot read it (or the model), the workers are all placed on the driver's node, which then
-    needs room for them; shared storage lets them go anywhere."""
+    tensorboard/): a local or shared filesystem path, or a pyarrow filesystem URI (`s3://bucket/runs`,
+    `gs://...`, S3 options in its query string: `rl_agents.storage`), which every node reaches by
+    itself. On a multi-node cluster, where some node cannot read a path (or the model), the workers
+    are all placed on the driver's node, which then needs room for them; shared storage or a URI
+    lets them go anywhere."""
     name: str = ""
     """Run name; empty = `<objective>-<timestamp>`. Re-running with an existing name resumes that run."""
     seed: int = 0
@@ -163,9 +167,10 @@ class TrainConfig:
         _check(self.keep_checkpoints > 0, "keep_checkpoints", "must be > 0", self.keep_checkpoints)
         _check(self.max_failures >= 0, "max_failures", "must be >= 0", self.max_failures)
         _check(bool(self.storage_path), "storage_path", "must not be empty", self.storage_path)
-        _check("://" not in self.storage_path, "storage_path",
-               "must be a filesystem path (mount the bucket on every node; URIs are not supported yet)",
-               self.storage_path)
+        try:
+            storage.check_uri(self.storage_path)
+        except ValueError as e:
+            raise ConfigError(f"storage_path: {e}") from None
         _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "placement_strategy",
                "must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD", self.placement_strategy)
         _check(all(isinstance(v, (int, float)) and v >= 0 for v in self.resources_per_worker.values()),

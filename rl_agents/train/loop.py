@@ -32,13 +32,14 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from rl_agents import storage
 from rl_agents.batches import PairBatch, PPOBatch, PPOExample
 from rl_agents.collate import collate_pairs, collate_ppo, collate_sequences, length_grouped_batches
+from rl_agents.models import resolve_model
 from rl_agents.train.checkpoint import (load_state, publish_checkpoint, resume_dir, save_hf, save_state,
                                         staging_error)
 from rl_agents.train.config import TrainConfig
@@ -252,9 +253,10 @@ def train_loop_per_worker(config: dict) -> None:
     examples = config["data"]
     if isinstance(examples, ray.ObjectRef):
         examples = ray.get(examples)
-    run_dir = Path(config["run_dir"])
+    run_dir = storage.normalize(config["run_dir"])  # a path, or a URI (`rl_agents.storage`)
+    model_dir = resolve_model(config["model_dir"])  # a URI: this node's copy of it
 
-    model, _zero3_init = build_model(cfg, config["model_dir"])  # noqa: F841 (kept alive on purpose)
+    model, _zero3_init = build_model(cfg, model_dir)  # noqa: F841 (kept alive on purpose)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     lengths = [example_length(e) for e in examples]
     keys = batch_keys(examples, cfg)
@@ -270,8 +272,9 @@ def train_loop_per_worker(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as reported:
         ckpt_dir = resume_dir(reported, run_dir)  # a partial checkpoint is never resumed from
         if ckpt_dir is not None:
-            state, reference = load_state(ckpt_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                          deepspeed=ds, lora=cfg.lora.enabled, rank=rank)
+            with storage.as_local_dir(ckpt_dir) as local:  # Ray's fallback on a URI: a temporary copy
+                state, reference = load_state(local, model=model, optimizer=optimizer, scheduler=scheduler,
+                                              deepspeed=ds, lora=cfg.lora.enabled, rank=rank)
     if ckpt_dir is not None:
         if state["total_steps"] != total_steps or state["num_examples"] != len(examples):
             raise RuntimeError(f"checkpoint in {run_dir} is from a different run ({state['total_steps']} steps over "
@@ -279,7 +282,8 @@ def train_loop_per_worker(config: dict) -> None:
                                "use another run name")
         start_step = state["global_step"]
         if rank == 0:
-            print(f"rl_agents.train: resuming {run_dir} at step {start_step} (checkpoint {ckpt_dir.name})", flush=True)
+            name = storage.name(checkpoint.path if checkpoint is not None and str(ckpt_dir) == str(reported) else ckpt_dir)
+            print(f"rl_agents.train: resuming {run_dir} at step {start_step} (checkpoint {name})", flush=True)
     ref_mode, t_ref, c_ref = config["ref"], time.perf_counter(), time.process_time()
     if objective.paired and reference is None:
         if isinstance(ref_mode, (list, tuple)):
@@ -311,15 +315,15 @@ def train_loop_per_worker(config: dict) -> None:
         def upload(staged, dir_name: str):
             # Our own copy into the run directory (not Ray's): a failure names the file and its cause,
             # and the checkpoint gets its COMPLETE marker only once every rank's files are in place.
-            dest = run_dir / dir_name
+            dest = storage.join(run_dir, dir_name)
             publish_checkpoint(staged.path, dest, rank=rank, world=world, note=f"{dir_name}: {world} ranks\n",
                                fault=_write_fault(config, step + 1, rank, world, run_dir))
-            storage = ray.train.get_context().get_storage()
-            return ray.train.Checkpoint(path=str(dest), filesystem=storage.storage_filesystem)
+            fs = ray.train.get_context().get_storage().storage_filesystem
+            return ray.train.Checkpoint(path=storage.filesystem(dest)[1], filesystem=fs)
 
         with tempfile.TemporaryDirectory(prefix="rl_agents_ckpt_") as tmp:
             try:
-                save_hf(unwrap(model), tmp, source_dir=config["model_dir"], lora=cfg.lora.enabled, rank=rank)
+                save_hf(unwrap(model), tmp, source_dir=model_dir, lora=cfg.lora.enabled, rank=rank)
                 save_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, deepspeed=ds,
                            lora=cfg.lora.enabled, rank=rank, trainer_state=trainer_state,
                            reference=reference)
@@ -328,6 +332,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if err is e:
                     raise
                 raise err from None
+            logger.sync()  # a URI run directory gets the metrics so far with each checkpoint
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=name, checkpoint_upload_fn=upload)
         # The controller registers a checkpoint when it has collected the report of every rank; a rank
@@ -398,7 +403,7 @@ def _token_counts(batch) -> tuple[int, int]:
     return sum(int(t.attention_mask.sum()) for t in sides), sum(t.attention_mask.numel() for t in sides)
 
 
-def _write_fault(config: dict, global_step: int, rank: int, world: int, run_dir: Path):
+def _write_fault(config: dict, global_step: int, rank: int, world: int, run_dir: str):
     """Testing hook (`config["write_fault"]`, set by `train` from `$RL_AGENTS_TEST_WRITE_FAULT`,
     "<global step>:<errno name>", e.g. "3:ENOSPC"): the last rank's copy of that checkpoint into
     the run directory fails half-way with that OSError, on every attempt; each firing appends a
@@ -411,20 +416,20 @@ def _write_fault(config: dict, global_step: int, rank: int, world: int, run_dir:
         return None
     code = getattr(errno, name or "ENOSPC")
 
-    def fault(target: Path) -> None:
-        with open(run_dir / ".write_fault_fired", "a") as f:
-            f.write(f"rank {rank} checkpoint {global_step} {name or 'ENOSPC'}\n")
+    def fault(target) -> None:
+        marker = storage.join(run_dir, ".write_fault_fired")
+        before = storage.read_text(marker) if storage.exists(marker) else ""
+        storage.write_text(marker, before + f"rank {rank} checkpoint {global_step} {name or 'ENOSPC'}\n")
         raise OSError(code, os.strerror(code), str(target))
     return fault
 
 
-def _maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, world: int, run_dir: Path) -> None:
+def _maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, world: int, run_dir: str) -> None:
     """Testing hook (`fault_injection_step`): the last rank dies once at the start of that step."""
     if step != cfg.fault_injection_step or rank != world - 1:
         return
-    marker = run_dir / ".fault_injected"
-    if marker.exists():
+    marker = storage.join(run_dir, ".fault_injected")
+    if storage.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"rank {rank} exited at step {step}\n")
+    storage.write_text(marker, f"rank {rank} exited at step {step}\n")
     os._exit(1)

@@ -14,7 +14,10 @@ A failed write raises `rl_agents.fileio.WriteError` naming the file and the caus
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -63,7 +66,16 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
+        from rl_agents import storage
+
+        self._remote = run_dir if storage.is_uri(run_dir) else None
+        if self._remote is not None:  # written here, uploaded by `sync` (each checkpoint) and `close`
+            run_dir = Path(tempfile.mkdtemp(prefix="rl_agents_metrics_"))
+            remote = storage.join(self._remote, "metrics.jsonl")
+            if storage.is_file(remote):
+                (run_dir / "metrics.jsonl").write_text(storage.read_text(remote), encoding="utf-8")
         run_dir = Path(run_dir)
+        self._dir = run_dir
         self._path = run_dir / "metrics.jsonl"
         if self._path.exists():  # drop the rows of the steps this attempt trains (again)
             last = {row["step"]: row for row in read_metrics(self._path)
@@ -91,23 +103,42 @@ class MetricsLogger:
         self._bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items()
                                if k.startswith("loss/") or k == "reward/accuracy"})
 
+    def sync(self) -> None:
+        """Upload metrics.jsonl and tensorboard/ to a URI run directory (nothing for a local one)."""
+        if self.enabled and self._remote is not None:
+            from rl_agents import storage
+
+            self._tb.flush()
+            storage.upload(self._dir, self._remote)
+
     def close(self) -> None:
         if self.enabled:
             self._bar.close()
             self._tb.close()
             self._file.close()
+            if self._remote is not None:
+                from rl_agents import storage
+
+                try:  # runs in the loop's `finally`: must not replace the error that may be on its way
+                    storage.upload(self._dir, self._remote)
+                except OSError as e:
+                    logging.getLogger(__name__).warning("metrics of %s not uploaded: %s", self._remote, e)
+                shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a metrics.jsonl (an unfinished last line, from a killed writer, is skipped)."""
-    rows = []
+    """The rows of a metrics.jsonl, a path or a URI (an unfinished last line, from a killed writer,
+    is skipped)."""
+    from rl_agents import storage
+
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        lines = storage.read_text(path).splitlines()
     except FileNotFoundError:
-        pass
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return rows

@@ -34,7 +34,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_server):  # the S3 server's credentials are in the environment before the workers start
     import ray
 
     init_ray(num_cpus=2)
@@ -235,3 +235,30 @@ def test_step_gail_with_a_lora_discriminator_runs(tmp_path, ray_cluster):
     assert adapter and any(saved[k].abs().sum() > 0 for k in adapter)  # lora_B starts at 0: it trained
     start, end = _weights(tiny_llama_dir()), _weights(state.policy)
     assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_a_run_stored_on_s3_keeps_its_checkpoints_and_policies_there(tmp_path, ray_cluster, s3_server):
+    """examples/sft_textshop.yaml (LoRA) with `train.storage_path` an S3 URI: the update's Ray Train run
+    and the merged policy go to the run's own prefix on S3; run_dir keeps the results and two
+    pointers. `runs/x/policy` still names the policy (through `policy.uri`), and it learned."""
+    from rl_agents import storage
+    from rl_agents.models import resolve_model
+
+    uri = s3_server("smoke")
+    yaml = str(ROOT / "examples" / "sft_textshop.yaml")
+    assert main(["train", yaml, "--no-start-eval", *SMOKE, f"train.storage_path={uri}", f"run_dir={tmp_path}"]) == 0
+    store = (tmp_path / "store.uri").read_text().strip()
+    policy = (tmp_path / "policy.uri").read_text().strip()
+    assert store.startswith(storage.join(uri, f"{tmp_path.name}-").partition("?")[0])
+    assert policy == storage.join(store, "policies", "iter0")
+    assert {"config.json", "model.safetensors"} <= set(storage.file_sizes(policy))
+    (train_run,) = storage.list_dirs(storage.join(store, "train"))
+    assert train_run.startswith("iter0-sft-") and storage.is_file(storage.join(store, "train", train_run, "metrics.jsonl"))
+    assert not (tmp_path / "train").exists() and not (tmp_path / "policies").exists() and not (tmp_path / "policy").exists()
+    assert Algorithm.restore(tmp_path).policy == policy
+    local = resolve_model(tmp_path / "policy")
+    assert local == resolve_model(policy)
+    start, end = _weights(tiny_llama_dir()), _weights(local)
+    assert any(not torch.equal(start[k], end[k]) for k in start if "q_proj" in k)
+    assert json.loads((tmp_path / "results.json").read_text())[-1]["stage"] == "sft iter 1"

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOT_ALGORITHM_CONFIGS = {"runtime_env.yaml"}  # a Ray runtime env for `ray job submit`
 CPU = sorted(p for p in (ROOT / "examples").glob("*.yaml") if p.name not in NOT_ALGORITHM_CONFIGS)
 GPU = sorted((ROOT / "examples" / "gpu").glob("*.yaml"))
-GPU_CAVEAT = "not runnable on CPU machines; untested here (no GPU was available to this project's CI)"
+GPU_CAVEAT = "not runnable on CPU machines; as a whole untested (no GPU was available to this project's CI)"
 
 # Papers' full-scale optimiser settings: (lr, global batch). ETO §4.1 (SFT, ETO), DMPO §5.1 (batch 32,
 # lr following ETO), StepAgent §6.4 (reflection).

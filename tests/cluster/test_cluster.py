@@ -44,7 +44,7 @@ SMOKE = ["model=tiny-llama", "env.train_tasks=4", "env.eval_tasks=2", "env.max_t
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):  # S3 credentials in the environment before the nodes start, as on real nodes
     with LocalCluster(workers=1, cpus_per_node=1, head_cpus=2) as c:
         yield c
 
@@ -95,7 +95,12 @@ def test_rollouts_spread_over_the_nodes_and_weights_reach_a_node_without_the_dri
 
 def _job(cluster: LocalCluster, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     env = cluster.env(RAY_ADDRESS=cluster.dashboard_url)  # `ray job` talks to the dashboard
-    r = subprocess.run(["ray", "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    deadline = time.time() + 60
+    while True:  # a fresh cluster's job agent takes a while to come up ("please try again later")
+        r = subprocess.run(["ray", "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if "No available agent to submit job" not in r.stderr + r.stdout or time.time() > deadline:
+            break
+        time.sleep(2)
     if check:
         assert r.returncode == 0, f"ray job {args[0]} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
@@ -157,6 +162,33 @@ def test_the_readme_ray_job_submit_line_runs_sft_then_dmpo_on_two_nodes(cluster)
     assert rows[-1]["stage"] == "dmpo iter 1"
     explored = [json.loads(x) for x in (dmpo_dir / "trajectories" / "explore_iter0.jsonl").read_text().splitlines()]
     assert len({t["metadata"]["node_id"] for t in explored}) == 2  # exploration ran on both nodes
+
+
+def test_full_weight_updates_reach_a_node_without_the_drivers_disk_through_s3(cluster, s3_server):
+    """The README's job with full-weight updates, the object store closed to weights and run_dir on
+    the head's scratch (w1 cannot read it): refused at start without storage (drive_rollouts), it
+    runs with `train.storage_path` an S3 URI. Checkpoints and the policy live on S3; w1's rollout
+    workers load their own copy of it from there, and the weight-sync check passes on both nodes."""
+    from rl_agents import storage
+
+    run_dir = cluster.scratch / "runs" / "sft_s3"
+    uri = s3_server("cluster", host=cluster.head_ip)
+    r = _job(cluster, *_readme_job_line()[2:], f"run_dir={run_dir}", *SMOKE, "train.lora.enabled=false",
+             "rollout.object_store_weights_mb=0", f"train.storage_path={uri}")
+    assert _status(cluster, _job_id(r)) == "SUCCEEDED", r.stdout[-3000:]
+    store = (run_dir / "store.uri").read_text().strip()  # <uri>/sft_s3-<id>: this run's own prefix
+    assert re.fullmatch(re.escape(uri.partition("?")[0]) + r"/sft_s3-[0-9a-f]{8}", store.partition("?")[0])
+    policy = (run_dir / "policy.uri").read_text().strip()
+    assert policy.startswith(storage.join(store, "train").partition("?")[0] + "/iter0-sft-")
+    assert storage.name(policy).startswith("checkpoint_") and storage.is_file(storage.join(policy, "trainer", "COMPLETE"))
+    assert not (run_dir / "train").exists() and not (run_dir / "policy").exists()  # nothing on the driver's disk
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["sync/max_logprob_diff"] < 1e-3
+    evals = [json.loads(x) for x in (run_dir / "trajectories" / "eval_iter1.jsonl").read_text().splitlines()]
+    assert {t["metadata"]["weights_version"] for t in evals} == {1}
+    # Every worker that evaluated loaded its node's copy of the S3 policy (the sync check above ran
+    # on both nodes' workers: w1's could get the new weights from nowhere else).
+    assert all(f"/{storage.CACHE_DIR}/uri-" in t["metadata"]["weights"] for t in evals)
 
 
 def test_ray_job_stop_ends_the_run_cleanly_and_the_same_job_resumes(cluster):

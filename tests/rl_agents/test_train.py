@@ -1,6 +1,6 @@
 """Ray Train + DeepSpeed training runs on CPU (tiny random Llama, SmolLM2's real tokenizer).
 
-Six short runs (4 optimizer steps each, 8 multi-turn pairs or 8 SFT sequences) shared by the tests:
+Eight short runs (4 optimizer steps each, 8 multi-turn pairs or 8 SFT sequences) shared by the tests:
 
     A  DPO, ZeRO-2, 2 workers × micro-batch 2 (no accumulation)
     B  DPO, DDP,    2 workers × micro-batch 1 × 2 accumulation steps (other padding than A)
@@ -10,13 +10,15 @@ Six short runs (4 optimizer steps each, 8 multi-turn pairs or 8 SFT sequences) s
     F  DMPO, LoRA, ZeRO-3, reference = adapter disabled, 2 workers × 2 accumulation steps
     G  A with a checkpoint every step, whose copy of checkpoint 3 into the run directory fails on
        rank 1 with ENOSPC (the disk is full); then the same train() again once there is space
+    S  D with `train.storage_path` an S3 URI (moto's S3 server): checkpoints, metrics and the
+       resume all go through S3
 
 Tolerances (fp32), on every step's loss, summed log-probs and gradient norm: C vs A share every
 micro-batch, so they agree to float rounding (rel 1e-5); B vs A differ in padding, accumulation
 and the reduction path (DDP all-reduce vs ZeRO reduce-scatter): rel 1e-4 over 4 Adam steps at
 lr 1e-2. Final weights: the difference is at most 1e-4 (C) / 1e-3 (B) of the norm of the update
 itself, per tensor (Adam's g/√v can blow a 1e-7 difference of a near-zero gradient up in a single
-element). D vs A resume from an exact checkpoint: 1e-6 absolute. Padding alone (in-process, in
+element). D and S vs A resume from an exact checkpoint: 1e-6 absolute. Padding alone (in-process, in
 test_train_units.py): 1e-6 absolute on the loss.
 """
 
@@ -64,7 +66,7 @@ def make_pairs(segmenter, n: int, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_server):  # the S3 server's credentials are in the environment before the workers start
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -73,8 +75,8 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, segmenter, tiny_model_dir, tmp_path_factory):
-    """Lazily run (and cache) the six configurations of the module docstring."""
+def runs(ray_cluster, s3_server, segmenter, tiny_model_dir, tmp_path_factory):
+    """Lazily run (and cache) the runs of the module docstring."""
     from rl_agents.train import DeepSpeedConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig, train
     from rl_agents.train.metrics import read_metrics
 
@@ -86,7 +88,8 @@ def runs(ray_cluster, segmenter, tiny_model_dir, tmp_path_factory):
         return TrainConfig(model=ModelConfig(path=str(tiny_model_dir)),
                            deepspeed=DeepSpeedConfig(enabled=ds, zero_stage=stage, bf16=kw.pop("bf16", False)),
                            optim=OptimConfig(lr=1e-2, warmup_ratio=0.0, epochs=2, batch_size=4, micro_batch_size=mb),
-                           lora=kw.pop("lora", LoraConfig()), num_workers=workers, storage_path=str(storage),
+                           lora=kw.pop("lora", LoraConfig()), num_workers=workers,
+                           storage_path=kw.pop("storage_path", str(storage)),
                            name=name, **kw)
 
     specs = {
@@ -94,6 +97,8 @@ def runs(ray_cluster, segmenter, tiny_model_dir, tmp_path_factory):
         "B": lambda: train(DPOObjective(), pairs, cfg("B", ds=False, mb=1)),
         "C": lambda: train(DPOObjective(), pairs, cfg("C", workers=1)),
         "D": lambda: train(DPOObjective(), pairs, cfg("D", checkpoint_every=1, fault_injection_step=2, max_failures=1)),
+        "S": lambda: train(DPOObjective(), pairs, cfg("S", checkpoint_every=1, fault_injection_step=2, max_failures=1,
+                                                      storage_path=s3_server("train"))),
         "E": lambda: train(SFTObjective(), seqs, cfg("E", stage=3, bf16=True)),
         "F": lambda: train(DMPOObjective(), pairs, cfg("F", stage=3, mb=1, lora=LoraConfig(enabled=True, r=4, alpha=8))),
     }
@@ -198,6 +203,36 @@ def test_killed_worker_resumes_at_next_step(runs):
     wa, wd = _weights(a.checkpoint_path), _weights(d.checkpoint_path)
     for name in wa:
         torch.testing.assert_close(wd[name], wa[name], rtol=0, atol=1e-6)
+
+
+def test_s3_storage_killed_worker_resumes_from_the_s3_checkpoint(runs, tiny_model_dir):
+    """S: D's run with `train.storage_path` an S3 URI (a real S3 API, moto's server): no local run
+    directory; rank 1 dies at the start of step 2 and the restarted group resumes at step 2 from the
+    checkpoint on S3. Losses and final weights are A's; metrics and TensorBoard events are on S3;
+    Ray keeps the last 2 checkpoints there."""
+    import pyarrow.fs
+
+    from rl_agents import storage
+    from rl_agents.models import resolve_model
+    from rl_agents.train.metrics import read_metrics
+
+    a, s = runs("A"), runs("S")
+    assert s.run_dir.startswith("s3://rl-agents/train-") and s.checkpoint_path == storage.join(s.run_dir, "checkpoint_000004")
+    assert storage.exists(storage.join(s.run_dir, ".fault_injected"))  # the failure really happened
+    trained = [(r["train/epoch"], r["step"]) for r in s.history]
+    assert sorted(trained) == [(0, 0), (0, 1), (1, 2), (1, 3)] and len(set(trained)) == len(trained)
+    assert s.history == read_metrics(storage.join(s.run_dir, "metrics.jsonl"))
+    assert _series(s, "loss/dpo") == pytest.approx(_series(a, "loss/dpo"), abs=1e-6)
+    assert s.history[2]["perf/reference_s"] < 1e-3 < s.history[0]["perf/reference_s"]  # restored from S3
+    assert [d for d in storage.list_dirs(s.run_dir) if d.startswith("checkpoint_")] == ["checkpoint_000003",
+                                                                                        "checkpoint_000004"]
+    fs, root = storage.filesystem(s.run_dir)
+    names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/tensorboard"))]
+    assert any(n.startswith("events.out.tfevents.") for n in names)
+    wa, ws = _weights(a.checkpoint_path), _weights(resolve_model(s.checkpoint_path))
+    assert set(ws) == set(wa)
+    for name in wa:
+        torch.testing.assert_close(ws[name], wa[name], rtol=0, atol=1e-6)
 
 
 def test_full_disk_fails_once_cleanly_and_the_rerun_resumes(runs):
