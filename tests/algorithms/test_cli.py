@@ -231,6 +231,16 @@ def test_train_rejects_a_read_only_run_dir(capsys, read_only_dir):
     assert list(read_only_dir.iterdir()) == []
 
 
+def test_train_rejects_an_object_store_it_cannot_write_before_any_work(capsys, tmp_path, s3_server):
+    bad = s3_server("cli").replace("s3://rl-agents/", "s3://no-such-bucket/")
+    line = _train_error(capsys, [str(SFT_YAML), f"run_dir={tmp_path / 'run'}", f"train.storage_path={bad}",
+                                 "model=tiny-llama"])
+    assert line.startswith(f"config error: train.storage_path: {bad}: cannot write, read and delete an object there"), line
+    assert not (tmp_path / "run").exists()
+    line = _train_error(capsys, [str(SFT_YAML), f"run_dir={tmp_path / 'run'}", "train.storage_path=s3://AK:sk@b/r"])
+    assert line.startswith("config error: train.storage_path: s3://...@...: no credentials in the URI"), line
+
+
 def test_env_play_rejects_a_task_id_with_a_nul(capsys):
     assert main(["env", "play", "rl_agents/TextShop-v0", "--task", "train\x0000001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
