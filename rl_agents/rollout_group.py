@@ -185,17 +185,21 @@ class RolloutGroup:
     (Ray's default health checks notice a lost node in ~15 s)."""
 
     def _room_or_alive(self, node: str | None) -> bool:
-        """Whether to replace a dead worker (True) or retire it (False). One node, or the driver's
-        node: replace. Otherwise ask the worker's node (a zero-CPU task pinned to it): if it answers,
-        the worker crashed on a healthy node: replace. If not, the node is lost: wait up to
+        """Whether to replace a dead worker (True) or retire it (False). The driver's node (or an
+        unknown one): replace. Otherwise ask the worker's node (a zero-CPU task pinned to it): if it
+        answers, the worker crashed on a healthy node: replace. If not, the node is lost: wait up to
         `node_check_s` for the GCS to declare it dead (its resources then leave the totals; until
         then a dead node's freed CPUs look like room), and replace only if the rest of the
-        cluster has room; a node that neither answers nor is declared dead is treated as lost."""
+        cluster has room; a node that neither answers nor is declared dead is treated as lost.
+
+        Not "one node left: replace": when the GCS declares the node dead before the driver sees the
+        worker's death, the cluster is down to one node by then, and a replacement with no room
+        would wait `start_timeout_s` (900 s) for a CPU that never frees, holding up every task."""
         import time
 
         import ray
 
-        if node is None or not multi_node() or node == node_id() or _node_answers(node, self.node_answer_s):
+        if node is None or node == node_id() or (is_alive(node) and _node_answers(node, self.node_answer_s)):
             return True
         deadline = time.monotonic() + self.node_check_s
         while is_alive(node):

@@ -429,3 +429,37 @@ def test_local_ray_quiets_only_the_placement_group_cleaner_in_workers(ray_sessio
 
     quiet, other = ray_session.get(levels.remote([QUIET_LOGGERS[0], "ray.train.v2._internal.execution.controller"]))
     assert quiet == logging.ERROR and other < logging.ERROR
+
+
+@pytest.mark.parametrize("order", ["gcs_first", "driver_first"])
+@pytest.mark.parametrize("free_cpus", [0, 1])
+def test_a_worker_lost_with_its_node_is_replaced_only_where_there_is_room(order, free_cpus, monkeypatch):
+    """`_room_or_alive` after a worker died with its node, on a cluster whose other node is full
+    (free_cpus 0: retire) or has a CPU (1: replace), whichever of the GCS (node declared dead) and
+    the driver (worker error) comes first. The retire path was flaky when the GCS came first: the
+    cluster was one node by then, which meant "replace", and the replacement waited 900 s for a CPU."""
+    import ray
+
+    import rl_agents.rollout_group as rg
+
+    alive = {"gcs_first": [False], "driver_first": [True, True, False]}[order]
+    monkeypatch.setattr(rg, "node_id", lambda: "head")
+    monkeypatch.setattr(rg, "multi_node", lambda: len(alive) > 1 or alive[0])
+    monkeypatch.setattr(rg, "is_alive", lambda node: alive.pop(0) if len(alive) > 1 else alive[0])
+    monkeypatch.setattr(rg, "_node_answers", lambda node, timeout: False)  # the node is gone
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": float(free_cpus)})
+    group = rg.RolloutGroup.__new__(rg.RolloutGroup)
+    group.num_cpus, group.num_gpus, group.node_check_s, group.node_answer_s = 1, 0, 5.0, 0.1
+    assert group._room_or_alive("w1") is (free_cpus == 1)
+    assert group._room_or_alive("head") is True  # a worker on the driver's node: always replaced
+
+
+def test_a_worker_that_crashed_on_a_healthy_node_is_replaced(monkeypatch):
+    import rl_agents.rollout_group as rg
+
+    monkeypatch.setattr(rg, "node_id", lambda: "head")
+    monkeypatch.setattr(rg, "is_alive", lambda node: True)
+    monkeypatch.setattr(rg, "_node_answers", lambda node, timeout: True)
+    group = rg.RolloutGroup.__new__(rg.RolloutGroup)
+    group.num_cpus, group.num_gpus, group.node_check_s, group.node_answer_s = 1, 0, 5.0, 0.1
+    assert group._room_or_alive("w1") is True
