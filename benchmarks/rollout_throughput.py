@@ -22,6 +22,10 @@
    automatic one (K x max_context of KV). Reports prompt tokens that had to be prefilled (exact,
    noise-free), cache hits, wall and CPU time, and whether both produced identical trajectories.
        python benchmarks/rollout_throughput.py --part prefix_cache --threads 1
+4. engines (`--part engines`, not in `all`): vLLM vs HF as the rollout engine on the same episodes.
+   vLLM on CPU lives in `.venv-vllm` (`make install-vllm`), so this part runs
+   `benchmarks/vllm_engines.py` there (its docstring has the details) with this part's
+   `--episodes`, `--max-turns` and `--threads`, and prints its final JSON line.
 
 On a shared machine wall time depends on the neighbours: part 1 also reports CPU time (with
 `--threads 1` a fair measure of the work done) and every run records the load average.
@@ -254,6 +258,22 @@ def machine_parallelism() -> float:
     return 2 * one / two
 
 
+def bench_engines(args) -> None:
+    """Part 4: `benchmarks/vllm_engines.py` in the vLLM environment (it holds both engines)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    python = root / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        sys.exit(f"{python} not found: `make install-vllm` first (vLLM on CPU has its own environment)")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    cmd = [str(python), str(root / "benchmarks" / "vllm_engines.py"), "--episodes", str(args.episodes),
+           "--max-turns", str(args.max_turns), "--threads", str(args.threads)]
+    sys.exit(subprocess.run(cmd, env=env, cwd=root).returncode)
+
+
 def sciworld_policy(prompt: str) -> str:
     """A scripted ScienceWorld agent: cycles through a few always-valid actions (no model cost)."""
     acts = ["look around", "inventory", "teleport to kitchen", "look around", "open door to hallway", "wait1"]
@@ -262,7 +282,7 @@ def sciworld_policy(prompt: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["all", "batching", "workers", "prefix_cache"], default="all")
+    p.add_argument("--part", choices=["all", "batching", "workers", "prefix_cache", "engines"], default="all")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2, help="torch threads of the in-process worker (part 1)")
@@ -284,6 +304,8 @@ def main() -> None:
                    help="untimed episodes per worker first: ScienceWorld's JVM spends its first ~15 s of stepping "
                         "JIT-compiling on a second core (C2), so a cold env is not a one-core load")
     args = p.parse_args()
+    if args.part == "engines":
+        return bench_engines(args)
     import envs  # noqa: F401
 
     result: dict = {"benchmark": "rollout_throughput", "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
