@@ -5,15 +5,15 @@ run as new processes with the cluster's environment (token auth), as `ray job su
 
     head (2 CPUs: the driver's node, a rollout worker and the trainer)  +  w1 (1 CPU: a rollout worker)
 
-The tests, in order (the last two kill nodes and start replacements):
+The tests, in order (the last three kill nodes; replacements are started):
 - rollouts spread over both nodes; a policy written only to the driver's disk reaches the other
   node through the object store (log-probs equal), or, over the object-store limit, fails before
   any work with an error that says what to set;
 - the README's `ray job submit` line: SFT then DMPO from the SFT policy (run_dir on the head's
   scratch: LoRA policies go to w1 through the object store; the weight-sync check runs there);
   `--no-wait` + `ray job logs -f`; `ray job stop`, then the same job again resumes;
-- node loss mid-rollout (every task comes back exactly once; the lost worker, with no room left
-  for it, is retired) and mid-training (Ray Train resumes at the step after its last checkpoint
+- node loss mid-rollout (every task comes back exactly once; the lost worker is replaced where
+  there is room, and retired on a full cluster) and mid-training (Ray Train resumes at the step after its last checkpoint
   on a replacement node).
 """
 
@@ -245,6 +245,35 @@ def test_a_node_lost_mid_rollout_loses_no_task_and_repeats_none(cluster):
     assert "w1" in {names[r["node_id"]] for r in out["rows"]}
     assert {names[r["node_id"]] for r in out["rows"][-10:]} == {"head"}
     cluster.add_node()  # a replacement, for the tests that follow
+
+
+def test_a_node_lost_on_a_full_cluster_retires_its_worker_after_the_gcs_said_so(cluster):
+    """3 workers: 2 fill the head, 1 on the other node. The node is killed, and the driver learns of its
+    worker's death only once the GCS has declared the node dead (the order that used to pick
+    "replace" on a one-node cluster and wait 900 s for a CPU): the worker is retired, the other two
+    finish, every task comes back once."""
+    other = next(n for n in cluster.alive() if n != "head")
+    marker, go = cluster.root / "retire-marker", cluster.root / "retire-go"
+    proc = subprocess.Popen([sys.executable, str(HERE / "drive_node_loss.py"), str(marker), "30", "3", str(go)],
+                            env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        cluster.kill_node(other)
+        cluster.wait_for_nodes(1)  # the GCS has declared it dead
+        go.write_text("go")
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    out = _result(stdout, proc.returncode, stderr)
+    assert out["returned"] == out["distinct"] == out["wanted"] == 30 and out["missing"] == 0
+    assert not [r for r in out["rows"] if r["error"]]
+    names = _ips(cluster, out["nodes"])
+    assert out["restarts"] >= 1 and len(out["retired"]) == 1 and len(out["live"]) == 2
+    assert other in {names.get(r["node_id"]) for r in out["rows"]}
+    assert {names.get(r["node_id"]) for r in out["rows"][-10:]} == {"head"}
 
 
 def test_a_node_lost_mid_training_resumes_at_the_next_step_on_a_replacement(cluster):
