@@ -45,7 +45,7 @@ def _common(args, run_dir: Path, model: str) -> dict:
                 "eval_tasks": args.eval_tasks},
         # Two 1-thread actors: small decode steps scale badly across threads (OpenMP barriers), two
         # processes do not. They reserve half a CPU each: they sit idle while the update runs.
-        "rollout": {"num_workers": 2, "num_cpus_per_worker": 0.5, "threads_per_worker": 1,
+        "rollout": {"engine": args.engine, "num_workers": 2, "num_cpus_per_worker": 0.5, "threads_per_worker": 1,
                     "envs_per_worker": args.envs, "max_new_tokens": 64, "temperature": args.temperature},
         "train": {"num_workers": 1, "threads_per_worker": args.threads,
                   "deepspeed": {"enabled": True, "zero_stage": 2, "bf16": True}, "lora": LORA},
@@ -164,7 +164,8 @@ def _run(args) -> int:
     total = time.perf_counter() - start
     table = results_table(rows, baseline="SFT")
     explored = {k: v for k, v in eto_metrics.items() if k.startswith(("explore/", "data/"))}
-    details = (f"SmolLM2-135M-Instruct on {ENV_ID}, LoRA r=32, bf16 DeepSpeed ZeRO-2 on Ray Train; "
+    details = (f"SmolLM2-135M-Instruct on {ENV_ID}, LoRA r=32, bf16 DeepSpeed ZeRO-2 on Ray Train, "
+               f"{args.engine} rollout engine; "
                f"{args.sft_tasks} train tasks, greedy eval with at most {args.max_turns} turns, seed {args.seed}.\n"
                f"SFT agent's exploration (T={args.temperature}): " +
                ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in explored.items()) + "\n"
@@ -201,3 +202,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--envs", type=int, default=32, help="episodes batched per generate call")
     parser.add_argument("--threads", type=int, default=2, help="CPU cores to use (Ray CPUs, trainer threads)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="rollout engine: hf, or vllm (CPU: run the demo in .venv-vllm, `make install-vllm`: "
+                             ".venv-vllm/bin/python -m algorithms.cli demo --engine vllm)")

@@ -3,6 +3,16 @@ start-up: eager vs torch.compile, with a cold and a warm compile cache.
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_engines.py --episodes 16 --max-turns 4 --threads 1
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_engines.py --part startup --threads 2
+    .venv-vllm/bin/python benchmarks/vllm_engines.py --part group
+
+`--part group`: the demo's rollout setting end to end, the engine the only difference: two Ray
+rollout actors of 1 thread each (`rollout.num_workers=2, threads_per_worker=1`, the engines' own
+CPU defaults, vLLM `enforce_eager` unless `--no-eager`), 32 episodes batched per actor, greedy
+evaluation of SmolLM2-135M-Instruct on 20 test_seen + 20 test_unseen TextShop tasks of at most 6
+turns (`rl_agents.evaluation.evaluate`, as `make demo` calls it). Per engine and repeat: the group's
+start, an evaluation, a weight update (the same checkpoint: HF loads it, vLLM on CPU rebuilds
+its engine) and a second evaluation. Engines alternate first place across repeats; a group is
+shut down before the next one starts. Final JSON line with the ratios.
 
 `--part startup`: each start in a fresh process (as each rollout actor and each run starts one):
 eager; compiled with an empty compile cache (`VLLM_CACHE_ROOT` a new directory); compiled again
@@ -33,11 +43,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch / OMP threads of both engines")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True, help="vLLM enforce_eager")
-    p.add_argument("--part", choices=["engines", "startup"], default="engines")
+    p.add_argument("--part", choices=["engines", "startup", "group"], default="engines")
+    p.add_argument("--eval-tasks", type=int, default=20, help="--part group: tasks per test split")
+    p.add_argument("--model", default=None, help="--part group: the policy (default SmolLM2-135M-Instruct; an "
+                                                   "SFT agent plays realistic episodes, the base model 6 turns of noise)")
     p.add_argument("--child", choices=["eager", "compile"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part == "startup":
         return startup(args)
+    if args.part == "group":
+        return group(args)
 
     import os
 
@@ -106,7 +121,7 @@ def _child(args) -> None:
     tok = load_tokenizer(model)
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"Describe item number {i} of a shop."}],
                                        add_generation_prompt=True, tokenize=True) for i in range(16)]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]  # a BatchEncoding in 5.x
     params = SamplingParams(temperature=0.0, max_new_tokens=48)
     engine.generate(prompts[:2], params)  # first call: warm-up, not timed
     rates = []
@@ -140,6 +155,70 @@ def startup(args) -> None:
     runs = out["runs"]
     out["compile_speedup"] = runs["compile_warm_cache"]["tokens_per_s"] / runs["eager"]["tokens_per_s"]
     out["warm_cache_start_saving_s"] = runs["compile_cold_cache"]["start_up_s"] - runs["compile_warm_cache"]["start_up_s"]
+    print(json.dumps(out), flush=True)
+
+
+def _vllm_processes() -> int:
+    """vLLM engine-core and worker processes alive on this machine (vLLM titles them `VLLM::...`)."""
+    import subprocess
+
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return sum(line.startswith("VLLM::") for line in ps)
+
+
+def group(args) -> None:
+    from rl_agents.ray_utils import init_ray
+
+    init_ray(num_cpus=2)
+    import envs  # noqa: F401
+    from rl_agents.evaluation import evaluate
+    from rl_agents.models import smollm2_path
+    from rl_agents.rollout_group import RolloutSection
+
+    model, env_id = args.model or str(smollm2_path()), "rl_agents/TextShop-v0"
+    runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
+    outcomes: dict[str, dict] = {}
+    for r in range(args.repeats):
+        for name in (("hf", "vllm") if r % 2 == 0 else ("vllm", "hf")):
+            section = RolloutSection(engine=name, num_workers=2, num_cpus_per_worker=0.5, threads_per_worker=1,
+                                     envs_per_worker=32, max_new_tokens=64,
+                                     engine_kwargs={"enforce_eager": args.eager} if name == "vllm" else {})
+            t0 = time.perf_counter()
+            g = section.make_group(model, env_id, env_kwargs={"max_turns": 6}, split="test_seen", progress=False)
+            run = {"start_s": time.perf_counter() - t0, "eval_s": []}
+            try:
+                for k in range(2):
+                    if k:
+                        t0 = time.perf_counter()
+                        g.update_weights(model)
+                        run["update_s"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    rep = evaluate(model, env_id, ["test_seen", "test_unseen"], n=args.eval_tasks, group=g,
+                                   max_new_tokens=64, seed=0, verbose=False, progress=False)
+                    run["eval_s"].append(time.perf_counter() - t0)
+                    outcomes.setdefault(name, {s: m["per_task"] for s, m in rep["splits"].items()})
+                    run["avg_reward"] = {s: m["avg_reward"] for s, m in rep["splits"].items()}
+            finally:
+                g.shutdown()
+            time.sleep(2)
+            run["vllm_processes_left"] = _vllm_processes()
+            episodes = 2 * args.eval_tasks
+            run["episodes_per_s"] = episodes / statistics.median(run["eval_s"])
+            runs[name].append(run)
+            print(f"{name} repeat {r}: start {run['start_s']:.1f} s, evaluations "
+                  f"{', '.join(f'{x:.1f}' for x in run['eval_s'])} s ({run['episodes_per_s']:.3f} episodes/s), "
+                  f"update {run['update_s']:.1f} s, avg reward {run['avg_reward']}, "
+                  f"vLLM processes left after shutdown {run['vllm_processes_left']}", flush=True)
+    med = {n: {k: statistics.median(x[k] for x in v) for k in ("start_s", "update_s", "episodes_per_s")}
+           for n, v in runs.items()}
+    same = {s: sum(outcomes["hf"][s][t] == outcomes["vllm"][s].get(t) for t in outcomes["hf"][s])
+            for s in outcomes["hf"]}
+    # The demo: 2 group starts (exploration, evaluation), 3 weight updates, 40 explored + 4 x 40 evaluated episodes
+    # (base: 10); exploration is sampled, so this is an estimate of its rollout minutes only.
+    demo = {n: (2 * m["start_s"] + 3 * m["update_s"] + 170 / m["episodes_per_s"]) / 60 for n, m in med.items()}
+    out = {"part": "group", "eval_tasks_per_split": args.eval_tasks, "eager": args.eager, "median": med, "runs": runs,
+           "ratio_vllm_over_hf_episodes_per_s": med["vllm"]["episodes_per_s"] / med["hf"]["episodes_per_s"],
+           "same_outcome_tasks": same, "demo_rollout_minutes_estimate": demo}
     print(json.dumps(out), flush=True)
 
 

@@ -55,6 +55,11 @@ from rl_agents.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_CLOSE_S = 10.0
+"""How long `RolloutGroup.shutdown` waits for the workers to close their envs and engines (a
+worker busy with an episode closes after it) before it kills them all the same."""
+
+
 class RolloutGroup:
     def __init__(self, engine: EngineSpec, config: RolloutConfig, num_workers: int = 1, *, num_cpus: float = 1,
                  num_gpus: float = 0, placement_strategy: str | None = None, scheduling: str = "SPREAD",
@@ -359,10 +364,19 @@ class RolloutGroup:
         return [results[i] for i in sorted(results)]
 
     def shutdown(self) -> None:
+        """Close every worker's envs and engine, then kill the actors. The close comes first: a
+        killed actor runs no finalizer, and what it started (vLLM's engine-core process, an env's
+        JVM) does not all watch its parent."""
         import ray
 
-        for i in self.live():
-            ray.kill(self.workers[i], no_restart=True)
+        live = [self.workers[i] for i in self.live()]
+        try:
+            ray.get([w.close.remote() for w in live], timeout=SHUTDOWN_CLOSE_S)
+        except Exception as e:  # a dead or stuck worker: killed below all the same
+            logger.warning("rollout workers did not all close in %.0f s (%s); killing them", SHUTDOWN_CLOSE_S,
+                           type(e).__name__)
+        for w in live:
+            ray.kill(w, no_restart=True)
         self.workers = []
         if self.placement_group is not None:
             from ray.util.placement_group import remove_placement_group
@@ -433,7 +447,8 @@ class RolloutSection:
     num_cpus_per_worker: float = 1
     """CPUs Ray reserves per rollout actor."""
     threads_per_worker: int | None = None
-    """torch threads of each actor's HF engine (None = Ray's default, the reserved CPUs)."""
+    """torch / OpenMP threads of each actor's engine (None = Ray's default for HF, the reserved CPUs;
+    vLLM's own binding for vLLM)."""
     num_gpus_per_worker: float = 0
     placement: Literal["spread", "default"] = "spread"
     """Where Ray puts the workers: 'spread' over the cluster's nodes (Ray's SPREAD strategy: more
@@ -504,7 +519,7 @@ class RolloutSection:
 
     def engine_spec(self, policy: str | Path) -> EngineSpec:
         """The workers' engine: `engine` on `policy`, with `engine_kwargs` on top of the threads."""
-        threads = {"num_threads": self.threads_per_worker} if self.threads_per_worker and self.engine == "hf" else {}
+        threads = {"num_threads": self.threads_per_worker} if self.threads_per_worker else {}
         return EngineSpec(kind=self.engine, model=str(policy), dtype=self.dtype,
                           device="cuda" if self.num_gpus_per_worker else "cpu", kwargs={**threads, **self.engine_kwargs})
 

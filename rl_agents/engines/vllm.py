@@ -69,11 +69,47 @@ class WeightReloadExtension:
         return len(files)
 
 
+CPU_KV_CACHE_BYTES = 2 * 2**30
+"""KV cache of an engine on CPU unless `kv_cache_memory_bytes` or `VLLM_CPU_KVCACHE_SPACE` says
+otherwise: vLLM's own default there reserves 90% of the RAM per engine, so a second rollout actor
+on the node fails to start. 2 GiB hold ~45k tokens of SmolLM2-135M in fp32."""
+
+
+def cpu_defaults(llm_kwargs: dict, num_threads: int | None) -> dict:
+    """vLLM's CPU defaults, made fit for several engines per node (rollout actors).
+
+    * KV cache: `CPU_KV_CACHE_BYTES` unless set (above).
+    * Threads: vLLM pins its worker's OpenMP threads to cores it picks the same way in every
+      process (`VLLM_CPU_OMP_THREADS_BIND=auto`: one logical CPU per physical core of the first
+      NUMA node, less one for its scheduler; on a 2-core box, core 0), so every engine on a node
+      shares the same cores. With `num_threads` (the rollout actor's `threads_per_worker`) and no
+      `VLLM_CPU_OMP_THREADS_BIND` of the user's, the worker runs `num_threads` unpinned OpenMP
+      threads (`nobind`, `OMP_NUM_THREADS`, which then replaces Ray's per-actor value) and the OS
+      places them, as it does the HF engine's. The variables are set in this process: vLLM's
+      engine processes are spawned from it and inherit them.
+    """
+    import os
+
+    out = dict(llm_kwargs)
+    if "kv_cache_memory_bytes" not in out and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        out["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    if num_threads and bind in (None, _OURS):  # ours: set by an earlier engine of this process
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _OURS
+        os.environ["OMP_NUM_THREADS"] = str(num_threads)
+    return out
+
+
+_OURS = "nobind"
+
+
 class VLLMEngine(Engine):
     """See the module docstring (what is tested on CPU and what is not)."""
 
     def __init__(self, model: str, dtype: str = "bfloat16", device: str = "cuda", logprobs_mode: str = "raw",
-                 enable_lora: bool = False, max_lora_rank: int = 64, reload: str = "auto", **llm_kwargs):
+                 enable_lora: bool = False, max_lora_rank: int = 64, reload: str = "auto",
+                 num_threads: int | None = None, **llm_kwargs):
+        """`num_threads` (CPU): OpenMP threads of the engine's worker process (see `cpu_defaults`)."""
         try:
             import vllm  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the environment
@@ -87,6 +123,8 @@ class VLLMEngine(Engine):
             reload = "recreate" if device == "cpu" else "rpc"
         self.device = device
         self._said_no_sleep = False
+        if device == "cpu":
+            llm_kwargs = cpu_defaults(llm_kwargs, num_threads)
         from rl_agents.models import resolve_model
 
         self.base_path = str(resolve_model(model))
@@ -161,7 +199,14 @@ class VLLMEngine(Engine):
             self.llm.wake_up()
 
     def close(self) -> None:
-        self.llm = None
+        """Stop vLLM's engine-core process (and with it its workers) now, rather than when the
+        garbage collector finalizes the `LLM`: a process killed later (`ray.kill` of the actor)
+        runs no finalizer, and the engine core does not watch its parent."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
         gc.collect()
         try:
             import torch

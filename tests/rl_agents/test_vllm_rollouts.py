@@ -25,10 +25,16 @@ VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+def _run(args: list[str], timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
     assert VLLM_PYTHON.exists(), f"{VLLM_PYTHON} is missing: run `make install-vllm` (`make test` does)"
-    return subprocess.run([str(VLLM_PYTHON), *args], env={**os.environ, **ENV}, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run([str(VLLM_PYTHON), *args], env={**os.environ, **(ENV if env is None else env)},
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _vllm_processes() -> list[str]:
+    """vLLM's engine-core and worker processes on this machine (vLLM titles them `VLLM::...`)."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line.strip() for line in ps if line.strip().split(" ", 1)[-1].startswith("VLLM::")]
 
 
 def test_vllm_rollouts_are_token_exact_and_play_as_the_hf_engine():
@@ -53,18 +59,24 @@ def test_vllm_rollouts_are_token_exact_and_play_as_the_hf_engine():
 def test_eto_iteration_with_vllm_rollout_workers(tmp_path):
     """The README's training command with `rollout.engine=vllm`: exploration on vLLM rollout actors, the
     DPO update on Ray Train, the merged policy reloaded into the vLLM engines (the weight-sync check
-    compares their log-probs with the trainer's), then the evaluation on vLLM."""
+    compares their log-probs with the trainer's), then the evaluation on vLLM. With the engine's CPU
+    defaults as a user gets them: no `VLLM_CPU_KVCACHE_SPACE` (vLLM alone would reserve 90% of the
+    RAM), and `threads_per_worker` unpinning the worker's threads."""
     from safetensors.torch import load_file
 
     from rl_agents.models import smollm2_path
 
     run_dir = tmp_path / "eto"
+    before = _vllm_processes()
     r = _run(["-m", "algorithms.cli", "train", "examples/eto_textshop.yaml", "--no-start-eval", "model=smollm2-135m",
               "env.train_tasks=4", "env.eval_tasks=2", "env.max_turns=3", "rollout.envs_per_worker=4",
               "rollout.max_new_tokens=16", "train.optim.batch_size=4", "train.optim.micro_batch_size=2",
               "train.optim.epochs=1", "train.optim.lr=0.01", "train.lora.r=4", "train.lora.alpha=8", "iterations=1",
-              "rollout.engine=vllm", "rollout.engine_kwargs={enforce_eager: true}", f"run_dir={run_dir}"], timeout=1500)
+              "rollout.engine=vllm", "rollout.engine_kwargs={enforce_eager: true}", "rollout.threads_per_worker=1",
+              f"run_dir={run_dir}"], timeout=1500, env={"TOKENIZERS_PARALLELISM": "false"})
     assert r.returncode == 0, f"rc {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-8000:]}"
+    # Every group closed its engines: no vLLM engine-core or worker process outlives the run.
+    assert _vllm_processes() == before
     state = json.loads((run_dir / "state.json").read_text())
     metrics = state["history"][-1]
     assert metrics["data/pairs"] >= 1 and metrics["loss/dpo"] > 0
