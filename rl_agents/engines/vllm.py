@@ -78,6 +78,10 @@ on the node fails to start. 2 GiB hold ~45k tokens of SmolLM2-135M in fp32."""
 def cpu_defaults(llm_kwargs: dict, num_threads: int | None) -> dict:
     """vLLM's CPU defaults, made fit for several engines per node (rollout actors).
 
+    * `enforce_eager=True` unless set: on CPU torch.compile bought no speed and cost ~60 s per
+      engine start (`benchmarks/vllm_engines.py --part startup --threads 2`, 2026-12-03: eager
+      41.6 s start-up, 160.8 tok/s; compiled 108.8 s, 165.3 tok/s; compiled with a warm compile
+      cache 99.5 s, 148.7 tok/s), and on CPU every full-weight update starts the engine again.
     * KV cache: `CPU_KV_CACHE_BYTES` unless set (above).
     * Threads: vLLM pins its worker's OpenMP threads to cores it picks the same way in every
       process (`VLLM_CPU_OMP_THREADS_BIND=auto`: one logical CPU per physical core of the first
@@ -91,6 +95,7 @@ def cpu_defaults(llm_kwargs: dict, num_threads: int | None) -> dict:
     import os
 
     out = dict(llm_kwargs)
+    out.setdefault("enforce_eager", True)
     if "kv_cache_memory_bytes" not in out and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         out["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")

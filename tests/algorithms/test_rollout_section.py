@@ -33,7 +33,7 @@ def test_vllm_cpu_defaults_leave_room_for_a_second_engine_and_spread_threads(mon
     for var in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS"):
         monkeypatch.setenv(var, "x")  # recorded, so that teardown restores what was there before
         monkeypatch.delenv(var)
-    assert cpu_defaults({"enforce_eager": True}, 1) == {"enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+    assert cpu_defaults({}, 1) == {"enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
     assert (os.environ["VLLM_CPU_OMP_THREADS_BIND"], os.environ["OMP_NUM_THREADS"]) == ("nobind", "1")
     # A second engine of the process with other threads: its own count.
     cpu_defaults({}, 2)
@@ -42,10 +42,11 @@ def test_vllm_cpu_defaults_leave_room_for_a_second_engine_and_spread_threads(mon
     # (with its OMP_NUM_THREADS).
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    assert cpu_defaults({"kv_cache_memory_bytes": 5}, 2) == {"kv_cache_memory_bytes": 5}
+    assert cpu_defaults({"kv_cache_memory_bytes": 5, "enforce_eager": False}, 2) == {"kv_cache_memory_bytes": 5,
+                                                                                      "enforce_eager": False}
     assert (os.environ["VLLM_CPU_OMP_THREADS_BIND"], os.environ["OMP_NUM_THREADS"]) == ("0-1", "7")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    assert cpu_defaults({}, None) == {}
+    assert cpu_defaults({}, None) == {"enforce_eager": True}
 
 
 def test_engine_kwargs_errors_name_the_field():

@@ -60,8 +60,8 @@ def test_eto_iteration_with_vllm_rollout_workers(tmp_path):
     """The README's training command with `rollout.engine=vllm`: exploration on vLLM rollout actors, the
     DPO update on Ray Train, the merged policy reloaded into the vLLM engines (the weight-sync check
     compares their log-probs with the trainer's), then the evaluation on vLLM. With the engine's CPU
-    defaults as a user gets them: no `VLLM_CPU_KVCACHE_SPACE` (vLLM alone would reserve 90% of the
-    RAM), and `threads_per_worker` unpinning the worker's threads."""
+    defaults as a user gets them: eager mode, no `VLLM_CPU_KVCACHE_SPACE` (vLLM alone would reserve
+    90% of the RAM), and `threads_per_worker` unpinning the worker's threads."""
     from safetensors.torch import load_file
 
     from rl_agents.models import smollm2_path
@@ -72,7 +72,7 @@ def test_eto_iteration_with_vllm_rollout_workers(tmp_path):
               "env.train_tasks=4", "env.eval_tasks=2", "env.max_turns=3", "rollout.envs_per_worker=4",
               "rollout.max_new_tokens=16", "train.optim.batch_size=4", "train.optim.micro_batch_size=2",
               "train.optim.epochs=1", "train.optim.lr=0.01", "train.lora.r=4", "train.lora.alpha=8", "iterations=1",
-              "rollout.engine=vllm", "rollout.engine_kwargs={enforce_eager: true}", "rollout.threads_per_worker=1",
+              "rollout.engine=vllm", "rollout.threads_per_worker=1",
               f"run_dir={run_dir}"], timeout=1500, env={"TOKENIZERS_PARALLELISM": "false"})
     assert r.returncode == 0, f"rc {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-8000:]}"
     # Every group closed its engines: no vLLM engine-core or worker process outlives the run.
