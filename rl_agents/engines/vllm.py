@@ -69,6 +69,8 @@ class WeightReloadExtension:
         return len(files)
 
 
+_OURS = "nobind"  # the thread binding `cpu_defaults` sets; any other value is the user's
+
 CPU_KV_CACHE_BYTES = 2 * 2**30
 """KV cache of an engine on CPU unless `kv_cache_memory_bytes` or `VLLM_CPU_KVCACHE_SPACE` says
 otherwise: vLLM's own default there reserves 90% of the RAM per engine, so a second rollout actor
@@ -103,9 +105,6 @@ def cpu_defaults(llm_kwargs: dict, num_threads: int | None) -> dict:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _OURS
         os.environ["OMP_NUM_THREADS"] = str(num_threads)
     return out
-
-
-_OURS = "nobind"
 
 
 class VLLMEngine(Engine):
