@@ -414,7 +414,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--eval-tasks", type=int, help="first N tasks of test_seen and of test_unseen (default per env)")
     p.add_argument("--best-of", type=int, default=BEST_OF_N, help=f"N of the Best-of-N row (default {BEST_OF_N})")
     p.add_argument("--out", default="runs/learning", help="run directories and result.json files")
-    p.add_argument("--results", default="docs/results.md", help="markdown file the tables are written into")
+    p.add_argument("--results", help="markdown file the tables are written into, between its markers (default "
+                   "<out>/results.md; docs/results.md only when named: a run of some envs or algos would "
+                   "replace its full tables with a partial one)")
     p.add_argument("--chart", help="bar chart PNG (default <out>/learning.png)")
     p.add_argument("--records", help="finished results as small JSON files to commit (default benchmarks/results/"
                    "learning; with --smoke <out>/records; '' for none)")
@@ -481,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- time: {run_s / 3600:.2f} h summed over the runs in these tables, "
             f"{(time.perf_counter() - start) / 60:.1f} min this invocation; chart: `{chart}`\n\n" + "\n".join(sections))
     print("\n" + text)
-    write_section(Path(args.results), text)
-    print(f"wrote {args.results}, {chart}")
+    markdown = Path(args.results) if args.results else out / "results.md"
+    write_section(markdown, text)
+    print(f"wrote {markdown}, {chart}")
     return 0
 
 

@@ -41,6 +41,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -370,12 +371,35 @@ def latest_complete(run_dir: str | os.PathLike) -> Path | str | None:
     return best if storage.is_uri(run_dir) else Path(best)
 
 
+@contextmanager
+def reported_checkpoint_dir(checkpoint):
+    """Ray's reported checkpoint (`ray.train.get_checkpoint()`, or None) as a local directory of this
+    process for the duration: its own path on a local filesystem, else a private download.
+
+    Not `Checkpoint.as_directory`: on remote storage (S3, GCS) every rank of a node downloads into one
+    shared directory under one file lock, and a rank that leaves its `with` block first deletes it.
+    A rank that is still waiting for the lock then finds no directory and raises `RuntimeError:
+    Checkpoint directory ... does not exist, even though it should have been created by another
+    process` (Ray 2.60; seen in CI after a worker restart, which spent the run's last retry). The cost
+    of a private copy: each rank of a node downloads the checkpoint once."""
+    if checkpoint is None:
+        yield None
+        return
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="rl_agents_resume_") as tmp:
+        yield checkpoint.to_directory(tmp)
+
+
 def resume_dir(reported: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path | str | None:
     """Where to resume from: Ray's latest reported checkpoint if it is complete; otherwise (none
     reported, e.g. Ray's snapshot was torn and set aside, or one without `trainer/COMPLETE`) the
     newest complete `checkpoint_*` of the run directory; None: start at step 0."""
     if reported is not None and is_complete(reported):
-        return Path(reported)
+        return reported if storage.is_uri(reported) else Path(reported)
     fallback = latest_complete(run_dir)
     if reported is None:
         if fallback is not None:

@@ -40,8 +40,8 @@ from rl_agents import storage
 from rl_agents.batches import PairBatch, PPOBatch, PPOExample
 from rl_agents.collate import collate_pairs, collate_ppo, collate_sequences, length_grouped_batches
 from rl_agents.models import resolve_model
-from rl_agents.train.checkpoint import (load_state, publish_checkpoint, resume_dir, save_hf, save_state,
-                                        staging_error)
+from rl_agents.train.checkpoint import (load_state, publish_checkpoint, reported_checkpoint_dir, resume_dir, save_hf,
+                                        save_state, staging_error)
 from rl_agents.train.config import TrainConfig
 from rl_agents.train.forward import Forward, unwrap
 from rl_agents.train.metrics import MetricsLogger, StepMetrics
@@ -269,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     start_step, reference = 0, None
     checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as reported:
+    with reported_checkpoint_dir(checkpoint) as reported:  # not Ray's as_directory: a race on S3
         ckpt_dir = resume_dir(reported, run_dir)  # a partial checkpoint is never resumed from
         if ckpt_dir is not None:
             with storage.as_local_dir(ckpt_dir) as local:  # Ray's fallback on a URI: a temporary copy

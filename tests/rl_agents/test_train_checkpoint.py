@@ -15,7 +15,7 @@ import torch
 
 from rl_agents.fileio import WriteError
 from rl_agents.train.checkpoint import (COMPLETE, DDP_WEIGHTS, UnsafeCheckpointError, latest_complete, load_state,
-                                        publish_checkpoint, resume_dir, save_state)
+                                        publish_checkpoint, reported_checkpoint_dir, resume_dir, save_state)
 from rl_agents.train.loop import lr_lambda
 from rl_agents.train.metrics import MetricsLogger, read_metrics
 
@@ -268,6 +268,31 @@ def test_resume_skips_a_checkpoint_without_its_marker(tmp_path, caplog):
         (d / COMPLETE).unlink()
     assert resume_dir(run / "checkpoint_000003", run) is None and resume_dir(None, run) is None
     assert "training starts over from step 0" in caplog.text
+
+
+def test_a_remote_checkpoint_is_a_private_copy_per_holder(tmp_path):
+    """Two ranks of one node hold Ray's reported checkpoint on remote storage at once; the first to
+    leave must not delete the second's files. Ray's `as_directory` shares one directory between them
+    and the first one out removes it (the CI failure of stop 29); ours gives each its own copy."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    src = tmp_path / "bucket" / "run" / "checkpoint_000002"
+    (src / "trainer").mkdir(parents=True)
+    (src / COMPLETE).write_text("complete\n")
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())  # not local
+    ckpt = Checkpoint(path="run/checkpoint_000002", filesystem=remote)
+    with reported_checkpoint_dir(ckpt) as a:
+        with reported_checkpoint_dir(ckpt) as b:
+            assert a != b and Path(a, COMPLETE).read_text() == Path(b, COMPLETE).read_text() == "complete\n"
+        assert not Path(b).exists() and Path(a, COMPLETE).is_file()  # b's exit left a's copy alone
+        assert resume_dir(a, tmp_path / "bucket" / "run") == Path(a)
+    assert not Path(a).exists() and (src / COMPLETE).is_file()  # the checkpoint itself untouched
+    local = Checkpoint(path=str(src))
+    with reported_checkpoint_dir(local) as c:
+        assert Path(c) == src  # a local checkpoint is read in place
+    with reported_checkpoint_dir(None) as none:
+        assert none is None
 
 
 def test_driver_raises_non_transient_write_errors_and_retries_the_rest(tmp_path):
