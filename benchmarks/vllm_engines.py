@@ -1,5 +1,5 @@
-"""vLLM vs HF as the rollout engine on CPU, on the same TextShop episodes (issue #18), and vLLM's
-start-up: eager vs torch.compile, with a cold and a warm compile cache.
+"""vLLM vs HF as the rollout engine on CPU, on the same TextShop or ALFWorld episodes (issue #18), and
+vLLM's start-up: eager vs torch.compile, with a cold and a warm compile cache.
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_engines.py --episodes 16 --max-turns 4 --threads 1
     .venv-vllm/bin/python benchmarks/vllm_engines.py --env alfworld --dtype bfloat16 --threads 2
