@@ -22,7 +22,14 @@ settings: re-running with others into the same --out stops.
 Records: every finished result (and each seed's exploration summary) is also copied into `--records`
 (default `benchmarks/results/learning`: small JSON files to commit), pinned to its settings as --out
 is. A run that --out lacks but the records have is not run again, except SFT when the others need its
-weights. `--report` runs nothing (no Ray, no env, no settings check): tables from --out, then the records.
+weights. An SFT result carries the sha256 of its weights (`policy_sha256`), and every run made from it that
+digest (`sft_policy_sha256`): an SFT run redone to identical weights (SFT is deterministic on CPU: the same
+seed gives the same bytes) keeps every result made from the run it replaced. `--report` runs nothing (no
+Ray, no env, no settings check): tables from --out, then the records.
+
+Rollouts use the HF engine; `--engine vllm` (run from `.venv-vllm`) plays them with vLLM instead (fp32, the
+same greedy actions as HF on TextShop and ALFWorld: docs/benchmarks.md), ~3x the episodes per second on
+ALFWorld; each result records its engine and the table notes the vLLM ones.
 
 Output: per env a table (`algorithms.results.results_table`: mean [95% interval] over tasks and seeds,
 each row against SFT) written into `--results` between markers (the rest of that file is kept), and a
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -141,6 +149,8 @@ def resolve_hparams(algo: str, env_name: str, smoke: bool) -> dict:
 
 def env_settings(name: str, args) -> dict:
     env = dict(ENVS[name], name=name, env_kwargs={})
+    if getattr(args, "engine", "hf") != "hf":  # not a setting results depend on (`settings` leaves it out)
+        env["engine"] = args.engine
     for key in ("train_tasks", "explore_tasks", "eval_tasks"):
         env[key] = getattr(args, key) or (4 if args.smoke else env[key])
     env["max_turns"] = min(env["max_turns"], 4) if args.smoke else env["max_turns"]
@@ -155,7 +165,7 @@ def settings(env: dict, args) -> dict:
     return json.loads(json.dumps({
         "model": args.model, "best_of": args.best_of, "explore_temperature": EXPLORE_T,
         "max_new_tokens": MAX_NEW_TOKENS, "lora": LORA, "deepspeed": DEEPSPEED,
-        "env": {k: v for k, v in env.items() if k != "env_kwargs"},
+        "env": {k: v for k, v in env.items() if k not in ("env_kwargs", "engine")},
         "hparams": {a: resolve_hparams(a, env["name"], args.smoke) for a in HPARAMS}}))
 
 
@@ -182,9 +192,9 @@ def _only_added_algorithms(old: dict, current: dict) -> bool:
 
 
 def rollout(env: dict, **fields) -> dict:
-    """The demo's rollout workers (`RolloutSection` fields): 2 actors × 0.5 CPU × 1 thread."""
+    """The demo's rollout workers (`RolloutSection` fields): 2 actors × 0.5 CPU × 1 thread, `env["engine"]`."""
     return dict(num_workers=2, num_cpus_per_worker=0.5, threads_per_worker=1, envs_per_worker=env["envs_per_worker"],
-                max_new_tokens=MAX_NEW_TOKENS, max_context=env["max_context"], **fields)
+                max_new_tokens=MAX_NEW_TOKENS, max_context=env["max_context"], engine=env.get("engine", "hf"), **fields)
 
 
 def spec(hp: dict, env: dict, seed: int, run_dir: Path, model: str, threads: int, explore_data: str | None) -> dict:
@@ -264,7 +274,12 @@ def run(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, args)
     # Provenance: which SFT run a result starts from (`sft_run_id`), so that results of another SFT
     # policy of the same seed are never mixed in silently (`seed_results`).
     result.update(env=env["name"], seed=seed, algo=algo, wall_s=time.perf_counter() - t0, run_id=uuid.uuid4().hex,
-                  sft_run_id=None if algo == "sft" else sft.get("run_id"), finished=datetime.now().isoformat(timespec="seconds"))
+                  sft_run_id=None if algo == "sft" else sft.get("run_id"), engine=env.get("engine", "hf"),
+                  finished=datetime.now().isoformat(timespec="seconds"))
+    if algo == "sft" and not result.get("error"):
+        result["policy_sha256"] = weights_sha256(result["policy"])
+    elif algo != "sft":
+        result["sft_policy_sha256"] = sft_digest(sft)
     save(result, run_dir / "result.json", None if result.get("error") else record(args, env["name"], seed, algo))
     print(f"  {algo}: " + (f"FAILED ({result['error'].splitlines()[0][:200]})" if result.get("error") else ", ".join(
         f"{s} success {result['metrics'][f'eval/{s}/success_rate']:.1%}" for s in SPLITS)), flush=True)
@@ -290,10 +305,37 @@ def stored(*paths: Path | None) -> dict | None:
     return None
 
 
+def weights_sha256(policy: str | os.PathLike) -> str | None:
+    """Digest of a local policy's weights: its *.safetensors files, by name, in name order (None if none)."""
+    files = sorted(Path(policy).glob("*.safetensors")) if "://" not in str(policy) else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def sft_digest(sft: dict | None) -> str | None:
+    """The SFT result's weight digest: recorded, else computed from its weights where they are (older results)."""
+    if not sft or sft.get("error"):
+        return None
+    if "policy_sha256" not in sft and sft.get("policy"):
+        sft["policy_sha256"] = weights_sha256(sft["policy"])
+    return sft.get("policy_sha256")
+
+
 def other_sft(result: dict | None, sft: dict | None) -> str | None:
-    """The id of the SFT run `result` was made from, when that is not `sft` (the SFT of its seed now)."""
+    """The id of the SFT run `result` was made from, when that is not `sft` (the SFT of its seed now) and
+    `sft`'s weights are not byte-identical to the ones `result` started from."""
     made_from = (result or {}).get("sft_run_id")
-    return made_from if made_from and sft and sft.get("run_id") and made_from != sft["run_id"] else None
+    if not (made_from and sft and sft.get("run_id") and made_from != sft["run_id"]):
+        return None
+    digest = result.get("sft_policy_sha256")
+    return None if digest and digest == sft_digest(sft) else made_from
 
 
 def seed_results(env: dict, seed: int, args) -> dict[str, dict | None]:
@@ -363,6 +405,8 @@ def env_section(env: dict, rows: list[dict], results: dict, explored: list[dict]
     notes += [f"- {LABELS[a]}, seed {s}: made from an earlier SFT run of seed {s} (`{r['earlier_sft']}`), not from "
               "the one in the SFT row (same settings)" for a in args.algos for s in args.seeds
               if (r := results.get((s, a))) and r.get("earlier_sft")]
+    notes += [f"- {LABELS[a]}, seed {s}: rollouts (exploration and evaluation) with the vLLM engine" for a in args.algos
+              for s in args.seeds if (r := results.get((s, a))) and not r.get("error") and r.get("engine") == "vllm"]
     text = f"### {env['name']} (`{env['env_id']}`)\n\n{results_table(rows, baseline='SFT')}\n"
     text += "\n".join(notes) + "\n\n" if notes else ""
     text += f"Task types: {', '.join(env['task_types'])} (ALFWorld's `task_types`).\n" if env.get("task_types") else ""
@@ -421,6 +465,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--records", help="finished results as small JSON files to commit (default benchmarks/results/"
                    "learning; with --smoke <out>/records; '' for none)")
     p.add_argument("--model", default="smollm2-135m", help="base model: alias or local HF checkpoint dir")
+    p.add_argument("--engine", default="hf", choices=("hf", "vllm"), help="rollout engine (vllm: run from "
+                   ".venv-vllm; a result records its engine)")
     p.add_argument("--threads", type=int, default=2, help="CPU cores: Ray CPUs and the trainer's torch threads")
     p.add_argument("--alfworld-data", default=os.environ.get("ALFWORLD_DATA") or REPO.parent / "shared/data/alfworld",
                    help="the directory holding ALFWorld's json_2.1.1/ (default $ALFWORLD_DATA, else that)")

@@ -189,3 +189,58 @@ def test_results_of_another_sft_run_are_run_again_and_reported_marked(tmp_path, 
     args = learning.parse_args(common)
     results = learning.seed_results(learning.env_settings("textshop", args), 0, args)
     assert ran == ["dpo"] and results["dpo"]["sft_run_id"] == "new" and results["rft"]["sft_run_id"] == "new"
+
+
+def test_an_sft_run_redone_to_identical_weights_keeps_the_results_made_from_the_one_it_replaced(tmp_path, monkeypatch):
+    """SFT "new" (in --out) has the weights b"abc" in model.safetensors. DPO's record was made from SFT run
+    "old" with those bytes' digest: kept, not marked. RFT's from "old" with another digest: run again.
+    ETO's from "old" with no digest (made before digests were recorded): run again."""
+    import hashlib
+
+    ran = []
+
+    def fake_run(algo, env, seed, seed_dir, sft, args):
+        ran.append(algo)
+        return {**_result(algo, 0.5, 0.5), "run_id": algo, "sft_run_id": sft["run_id"],
+                "sft_policy_sha256": learning.sft_digest(sft)}
+
+    monkeypatch.setattr(learning, "run", fake_run)
+    out, rec, md = tmp_path / "out", tmp_path / "records", tmp_path / "results.md"
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "model.safetensors").write_bytes(b"abc")
+    (policy / "config.json").write_text("{}")  # not part of the digest
+    digest = hashlib.sha256(b"model.safetensors\0abc").hexdigest()
+    assert learning.weights_sha256(policy) == digest and learning.weights_sha256(tmp_path / "none") is None
+    _write(out / "textshop/seed0/sft/result.json", _result("sft", 0.5, 0.5, policy=str(policy), run_id="new"))
+    _write(rec / "textshop/seed0/dpo.json", _result("dpo", 1.0, 1.0, sft_run_id="old", sft_policy_sha256=digest))
+    _write(rec / "textshop/seed0/rft.json", _result("rft", 1.0, 1.0, sft_run_id="old", sft_policy_sha256="f" * 64))
+    _write(rec / "textshop/seed0/eto.json", _result("eto", 1.0, 1.0, sft_run_id="old"))
+    common = ["--envs", "textshop", "--seeds", "0", "--algos", "rft,dpo,eto", "--out", str(out), "--records", str(rec)]
+    assert learning.main(["--report", *common, "--results", str(md), "--chart", str(tmp_path / "c.png")]) == 0
+    text = md.read_text()
+    assert "DPO (fixed pairs), seed 0: made from" not in text and "- RFT, seed 0: made from an earlier SFT run" in text
+    assert "- ETO, seed 0: made from an earlier SFT run" in text
+    args = learning.parse_args(common)
+    results = learning.seed_results(learning.env_settings("textshop", args), 0, args)
+    assert ran == ["rft", "eto"] and results["dpo"]["sft_run_id"] == "old"
+    assert results["rft"]["sft_policy_sha256"] == digest
+
+
+def test_the_engine_is_a_rollout_setting_not_a_result_setting(tmp_path):
+    """--engine vllm reaches the rollout workers' config, leaves the pinned settings as they are, and a result
+    made with it is noted under the table."""
+    hf = learning.parse_args(["--envs", "textshop", "--report"])
+    vllm = learning.parse_args(["--envs", "textshop", "--report", "--engine", "vllm"])
+    env_hf, env_vllm = learning.env_settings("textshop", hf), learning.env_settings("textshop", vllm)
+    assert learning.settings(env_hf, hf) == learning.settings(env_vllm, vllm)
+    hp = learning.resolve_hparams("grpo", "textshop", smoke=False)
+    assert learning.spec(hp, env_vllm, 0, tmp_path, "m", 2, None)["rollout"]["engine"] == "vllm"
+    assert learning.spec(hp, env_hf, 0, tmp_path, "m", 2, None)["rollout"]["engine"] == "hf"
+    rec, md = tmp_path / "records", tmp_path / "results.md"
+    _write(rec / "textshop/seed0/sft.json", _result("sft", 0.5, 0.5, run_id="s"))
+    _write(rec / "textshop/seed0/grpo.json", _result("grpo", 1.0, 1.0, sft_run_id="s", engine="vllm"))
+    assert learning.main(["--report", "--envs", "textshop", "--seeds", "0", "--algos", "grpo", "--out",
+                          str(tmp_path / "out"), "--records", str(rec), "--results", str(md)]) == 0
+    assert "- GRPO, seed 0: rollouts (exploration and evaluation) with the vLLM engine" in md.read_text()
+    assert "- SFT, seed 0: rollouts" not in md.read_text()
