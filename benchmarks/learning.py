@@ -148,9 +148,7 @@ def resolve_hparams(algo: str, env_name: str, smoke: bool) -> dict:
 
 
 def env_settings(name: str, args) -> dict:
-    env = dict(ENVS[name], name=name, env_kwargs={})
-    if getattr(args, "engine", "hf") != "hf":  # not a setting results depend on (`settings` leaves it out)
-        env["engine"] = args.engine
+    env = dict(ENVS[name], name=name, env_kwargs={}, engine=args.engine)  # engine: not pinned (`settings`)
     for key in ("train_tasks", "explore_tasks", "eval_tasks"):
         env[key] = getattr(args, key) or (4 if args.smoke else env[key])
     env["max_turns"] = min(env["max_turns"], 4) if args.smoke else env["max_turns"]
@@ -194,7 +192,7 @@ def _only_added_algorithms(old: dict, current: dict) -> bool:
 def rollout(env: dict, **fields) -> dict:
     """The demo's rollout workers (`RolloutSection` fields): 2 actors × 0.5 CPU × 1 thread, `env["engine"]`."""
     return dict(num_workers=2, num_cpus_per_worker=0.5, threads_per_worker=1, envs_per_worker=env["envs_per_worker"],
-                max_new_tokens=MAX_NEW_TOKENS, max_context=env["max_context"], engine=env.get("engine", "hf"), **fields)
+                max_new_tokens=MAX_NEW_TOKENS, max_context=env["max_context"], engine=env["engine"], **fields)
 
 
 def spec(hp: dict, env: dict, seed: int, run_dir: Path, model: str, threads: int, explore_data: str | None) -> dict:
@@ -274,7 +272,7 @@ def run(algo: str, env: dict, seed: int, seed_dir: Path, sft: dict | None, args)
     # Provenance: which SFT run a result starts from (`sft_run_id`), so that results of another SFT
     # policy of the same seed are never mixed in silently (`seed_results`).
     result.update(env=env["name"], seed=seed, algo=algo, wall_s=time.perf_counter() - t0, run_id=uuid.uuid4().hex,
-                  sft_run_id=None if algo == "sft" else sft.get("run_id"), engine=env.get("engine", "hf"),
+                  sft_run_id=None if algo == "sft" else sft.get("run_id"), engine=env["engine"],
                   finished=datetime.now().isoformat(timespec="seconds"))
     if algo == "sft" and not result.get("error"):
         result["policy_sha256"] = weights_sha256(result["policy"])
