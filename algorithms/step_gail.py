@@ -170,22 +170,28 @@ class DiscriminatorHead(nn.Module):
 
 
 def _alternate(head: DiscriminatorHead, opt: torch.optim.Optimizer, step, n_e: int, n_a: int, *, epochs: int,
-               batch_size: int, seed: int) -> float:
+               batch_size: int, seed: int, progress: bool = False) -> float:
     """The discriminator's training loop: `epochs` passes, each over mini-batches that hold a shuffled
     share of both classes; `step(expert_idx, agent_idx)` backpropagates one mini-batch's loss and
-    returns it. Returns the last epoch's mean loss."""
+    returns it. Returns the last epoch's mean loss. `progress`: a bar over the mini-batches (the
+    LoRA backbone's updates take minutes)."""
+    from tqdm import tqdm
+
     gen = torch.Generator().manual_seed(seed)
     n_batches = max(1, min(math.ceil((n_e + n_a) / batch_size), n_e, n_a))
     head.train()
     last = float("nan")
-    for _ in range(epochs):
-        losses = []
-        for ie, ia in zip(torch.randperm(n_e, generator=gen).tensor_split(n_batches),
-                          torch.randperm(n_a, generator=gen).tensor_split(n_batches)):
-            opt.zero_grad(set_to_none=True)
-            losses.append(step(ie, ia))
-            opt.step()
-        last = sum(losses) / len(losses)
+    with tqdm(total=epochs * n_batches, desc="train discriminator", dynamic_ncols=True, disable=not progress) as bar:
+        for _ in range(epochs):
+            losses = []
+            for ie, ia in zip(torch.randperm(n_e, generator=gen).tensor_split(n_batches),
+                              torch.randperm(n_a, generator=gen).tensor_split(n_batches)):
+                opt.zero_grad(set_to_none=True)
+                losses.append(step(ie, ia))
+                opt.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            last = sum(losses) / len(losses)
     head.eval()
     return last
 
@@ -215,7 +221,8 @@ def train_lora_discriminator(lm: nn.Module, head: DiscriminatorHead, expert: lis
     opt = torch.optim.Adam([{"params": list(head.parameters()), "lr": lr}, {"params": trainable, "lr": lora_lr}])
     step = lambda ie, ia: accumulate_gradients(lm, head, [expert[i] for i in ie], [agent[i] for i in ia],  # noqa: E731
                                                micro_batch_size=micro_batch_size, pad_id=pad_id)
-    return _alternate(head, opt, step, len(expert), len(agent), epochs=epochs, batch_size=batch_size, seed=seed)
+    return _alternate(head, opt, step, len(expert), len(agent), epochs=epochs, batch_size=batch_size, seed=seed,
+                      progress=True)
 
 
 def accumulate_gradients(lm: nn.Module, head: DiscriminatorHead, expert: list[EncodedSequence],
@@ -235,11 +242,39 @@ def accumulate_gradients(lm: nn.Module, head: DiscriminatorHead, expert: list[En
     return total
 
 
+def release_freed_memory() -> dict[str, float]:
+    """Hand the memory that D's forwards and backwards freed back to the OS (glibc keeps freed arenas:
+    on ALFWorld the LoRA backbone's updates left this process at 7.7 GB, and the PPO trainer that
+    starts next, beside two vLLM engines, then ran a 24 GB machine out of memory). Returns this
+    process's peak and current resident memory in GB, as metrics."""
+    import ctypes
+    import gc
+    import resource
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+    rss = 0.0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return {"perf/driver_peak_rss_gb": peak, "perf/driver_rss_gb": rss}
+
+
 @torch.no_grad()
 def lora_logits(lm: nn.Module, head: DiscriminatorHead, seqs: list[EncodedSequence], *, batch_size: int,
-                pad_id: int = 0) -> torch.Tensor:
-    """D's logits (N,) with the trainable backbone, no gradients, `batch_size` sequences per forward."""
-    out = [head(pooled_features(lm, seqs[c:c + batch_size], pad_id)) for c in range(0, len(seqs), batch_size)]
+                pad_id: int = 0, desc: str = "score steps") -> torch.Tensor:
+    """D's logits (N,) with the trainable backbone, no gradients, `batch_size` sequences per forward
+    (with a progress bar: `desc`, and minutes on CPU)."""
+    from tqdm import tqdm
+
+    out = [head(pooled_features(lm, seqs[c:c + batch_size], pad_id))
+           for c in tqdm(range(0, len(seqs), batch_size), desc=desc, dynamic_ncols=True, disable=not seqs)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -511,8 +546,9 @@ class StepGAIL(Algorithm):
                                 seed=cfg.seed * 1000 + self.iteration)
         else:
             we, wa = ([window(x, d.max_tokens) for x in seqs] for seqs in (expert_seqs, agent_seqs))
-            score = lambda: tuple(lora_logits(backbone, head, w, batch_size=d.feature_batch_size, pad_id=pad_id)  # noqa: E731
-                                  for w in (we, wa))
+            score = lambda: tuple(  # noqa: E731
+                lora_logits(backbone, head, w, batch_size=d.feature_batch_size, pad_id=pad_id, desc=f"score {what} steps")
+                for w, what in ((we, "expert"), (wa, "agent")))
             before = score()
             train_lora_discriminator(backbone, head, [we[i] for i in train_e], [wa[j] for j in train_a],
                                      epochs=d.epochs, lr=d.lr, lora_lr=d.lora_lr, batch_size=d.batch_size,
@@ -520,6 +556,7 @@ class StepGAIL(Algorithm):
                                      pad_id=pad_id)
         with torch.no_grad():
             le, la = score()
+        metrics.update(release_freed_memory())  # before the update's trainer starts beside the rollout engines
         fit = lambda e, a: discriminator_metrics(e[train_e], a[train_a])  # noqa: E731  (on the steps D trained on)
         rewards = gail_reward(la)  # (N_a,) log D(ŝ_i, a_i^θ), with the updated D
         advantages = step_advantages(rewards, groups)
