@@ -42,6 +42,9 @@ REF_MODES = ("precompute", "adapter", "none")
 WRITE_FAULT_ENV = "RL_AGENTS_TEST_WRITE_FAULT"
 """Testing hook: "<global step>:<errno name>" makes that checkpoint's copy into the run directory fail
 (`rl_agents.train.loop._write_fault`)."""
+# Tries of a worker group's start beyond the first (Ray's FailureConfig.controller_failure_limit, whose
+# default -1 retries forever: after an OOM kill left the CPUs held, a benchmark waited on it for good).
+START_RETRIES = 2
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +143,9 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
 
     Raises `WriteError` (disk full, read-only, no permission, quota: not retried) when writing the run
     directory fails, `UnsafeCheckpointError` for a checkpoint that would unpickle code; other worker
-    failures are retried `cfg.max_failures` times, then Ray's `WorkerGroupError` is raised.
+    failures are retried `cfg.max_failures` times, then Ray's `WorkerGroupError` is raised. A worker
+    group that cannot start (the resources never free up) is tried `START_RETRIES` + 1 times, then
+    Ray's `ControllerError` is raised: Ray's own default retries it forever, so a run hung.
     """
     import ray
     from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError,
@@ -182,7 +187,8 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                          resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
             run_config=RunConfig(name=name, storage_path=ray_path, storage_filesystem=ray_fs,
-                                 failure_config=FailureConfig(max_failures=0),
+                                 failure_config=FailureConfig(max_failures=0,
+                                                              controller_failure_limit=START_RETRIES),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
         )
         try:
@@ -192,7 +198,12 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
             fatal = _fatal_error(e, run_dir)
             if fatal is not None:
                 raise fatal from None
-            if not isinstance(e, WorkerGroupError) or failures >= cfg.max_failures:
+            if not isinstance(e, WorkerGroupError):  # e.g. the worker group never started (START_RETRIES)
+                e.add_note(f"rl_agents: run {run_dir} asked for {cfg.num_workers} worker(s) × {resources}; a start "
+                           f"is tried {START_RETRIES + 1} times, each waiting RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S "
+                           f"(Ray's default 60 s; raise it where nodes take longer to join)")
+                raise
+            if failures >= cfg.max_failures:
                 raise
             failures += 1
             logger.warning("run %s: worker failure %d of at most %d, restarting from its latest checkpoint: %s",

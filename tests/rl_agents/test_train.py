@@ -285,3 +285,39 @@ def test_lora_trains_only_the_adapter_and_loads_with_peft(runs, tiny_model_dir):
         assert not torch.allclose(peft(input_ids=ids).logits, base_logits, atol=1e-4)
         with peft.disable_adapter():
             torch.testing.assert_close(peft(input_ids=ids).logits, base_logits)
+
+
+@pytest.mark.timeout(180)  # Ray's default (controller_failure_limit -1) retries the start forever: a hang fails here
+def test_a_worker_group_that_cannot_start_fails_instead_of_hanging(ray_cluster, segmenter, tiny_model_dir, tmp_path):
+    """Both CPUs held by an actor (as by a leftover after an OOM kill): the 1-worker run's start times out
+    START_RETRIES + 1 times, then train() raises Ray's ControllerError with a note naming what it asked for."""
+    import time
+
+    import ray
+    from ray.train import ControllerError
+
+    from rl_agents.train import START_RETRIES, DeepSpeedConfig, ModelConfig, OptimConfig, TrainConfig, train
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "2"  # propagated to Ray Train's controller
+    cfg = TrainConfig(model=ModelConfig(path=str(tiny_model_dir)), deepspeed=DeepSpeedConfig(enabled=False),
+                      optim=OptimConfig(lr=1e-2, epochs=1, batch_size=2, micro_batch_size=2), num_workers=1,
+                      storage_path=str(tmp_path), name="never-starts")
+    start = time.monotonic()
+    try:
+        with pytest.raises(ControllerError) as info:
+            train(DPOObjective(), make_pairs(segmenter, 2), cfg)
+    finally:
+        del os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]
+        ray.kill(holder)
+    assert "timed out" in str(info.value)
+    note = "\n".join(getattr(info.value, "__notes__", []))
+    assert f"asked for 1 worker(s) × {{'CPU': {cfg.cpus_per_worker}" in note  # (+ the driver's node, for local storage)
+    assert f"tried {START_RETRIES + 1} times" in note
+    assert time.monotonic() - start < 150
