@@ -45,6 +45,7 @@ WRITE_FAULT_ENV = "RL_AGENTS_TEST_WRITE_FAULT"
 # Tries of a worker group's start beyond the first (Ray's FailureConfig.controller_failure_limit, whose
 # default -1 retries forever: after an OOM kill left the CPUs held, a benchmark waited on it for good).
 START_RETRIES = 2
+STARTUP_ERRORS = ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError")  # Ray's, by name (internal)
 
 logger = logging.getLogger(__name__)
 
@@ -198,10 +199,12 @@ def train(objective: Objective, data: Sequence, cfg: TrainConfig, ref: str | Seq
             fatal = _fatal_error(e, run_dir)
             if fatal is not None:
                 raise fatal from None
-            if not isinstance(e, WorkerGroupError):  # e.g. the worker group never started (START_RETRIES)
-                e.add_note(f"rl_agents: run {run_dir} asked for {cfg.num_workers} worker(s) × {resources}; a start "
-                           f"is tried {START_RETRIES + 1} times, each waiting RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S "
-                           f"(Ray's default 60 s; raise it where nodes take longer to join)")
+            if not isinstance(e, WorkerGroupError):
+                if type(getattr(e, "controller_failure", None)).__name__ in STARTUP_ERRORS:
+                    e.add_note(f"rl_agents: run {run_dir} asked for {cfg.num_workers} worker(s) × {resources}; "
+                               f"a start is tried {START_RETRIES + 1} times, each waiting "
+                               f"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (Ray's default 60 s; raise it where nodes "
+                               f"take longer to join)")
                 raise
             if failures >= cfg.max_failures:
                 raise
